@@ -1,0 +1,32 @@
+"""switch_dit_jax: diffusion transformers as multi-task learners, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="switch_dit_jax",
+    version="0.1.0",
+    description=("Switch-DiT, DTR and DiffMoE diffusion transformers with their DiT, "
+                 "TC-DiT and EC-DiT baselines, in JAX/Flax for GPU clusters and TPU pods."),
+    python_requires=">=3.11",
+    packages=find_packages(include=["switch_dit_jax", "switch_dit_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "grain",
+        "ml-collections",
+        "scipy",
+        "clu",
+        "tensorflow-datasets",
+        "scikit-learn",
+        "pillow",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # TensorBoard summaries through clu need TensorFlow; everything else runs without it.
+        "tensorboard": ["tensorflow-cpu"],
+    },
+)

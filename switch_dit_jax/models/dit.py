@@ -1,0 +1,153 @@
+"""The one DiT backbone (Peebles & Xie, 2023). Every method of this package configures it.
+
+A block computes the plain adaLN-Zero DiT block, or, when a router hands it a channel mask m,
+`z' = (1 - m) ⊙ z + DiTBlock(m ⊙ z)` (DTR / Switch-DiT). Its feed-forward network is the dense
+MLP or any module with the same call signature (the DiffMoE mixtures).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switch_dit_jax.models import layers
+
+# (depth, hidden_size, num_heads) of the official sizes.
+DIT_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+DIT_MODELS = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in PATCH_SIZES)
+
+
+def parse_model_name(name: str) -> dict[str, int]:
+    """"DiT-XL/2" -> {depth, hidden_size, num_heads, patch_size}."""
+    m = re.fullmatch(r"DiT-(S|B|L|XL)/(\d+)", name)
+    if not m or int(m.group(2)) not in PATCH_SIZES:
+        raise ValueError(f"model.name={name!r} is not a known model; use one of "
+                         f"{', '.join(DIT_MODELS)}, or name='custom' with explicit depth, "
+                         "hidden_size, num_heads and patch_size.")
+    depth, hidden, heads = DIT_SIZES[m.group(1)]
+    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block; optional task-routing mask; pluggable FFN."""
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    # Builds the FFN: ffn_factory(hidden_features=..., dtype=..., name="mlp") -> module(x).
+    ffn_factory: Callable[..., nn.Module] = layers.Mlp
+
+    @nn.compact
+    def __call__(self, x, c, mask=None):
+        """x: [B, S, D] tokens, c: [B, D] conditioning, mask: None or broadcastable to x."""
+        if mask is not None:
+            skip = (1 - mask) * x
+            x = mask * x
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.AdaLNModulation(
+            6, self.dtype, name="adaLN_modulation")(c)
+        h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
+        h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+        x = x + gate_msa[:, None] * h.astype(jnp.float32)
+        h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
+        h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
+                             dtype=self.dtype, name="mlp")(h)
+        x = x + gate_mlp[:, None] * h.astype(jnp.float32)
+        if mask is not None:
+            x = x + skip
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> zero-initialised Linear(D, p·p·C_out)."""
+    patch_size: int
+    out_channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        shift, scale = layers.AdaLNModulation(2, self.dtype, name="adaLN_modulation")(c)
+        x = layers.modulate(layers.layer_norm(x), shift, scale)
+        out = self.patch_size ** 2 * self.out_channels
+        x = layers.dense(out, ("embed", "patch_out"), self.dtype, layers.zeros, "linear")(
+            x.astype(self.dtype))
+        return x.astype(jnp.float32)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer on NHWC inputs [B, H, W, C] -> [B, H, W, C or 2C].
+
+    `t` are timesteps (float; the Gaussian process passes integers 0..T-1, the flow objective
+    passes t in [0, 1]); `y` are class labels in [0, num_classes], num_classes meaning "null".
+    With num_classes == 1 the model is unconditional and has no label embedding.
+    """
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    def embed_condition(self, t, y, train: bool):
+        c = layers.TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        if self.num_classes > 1:
+            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                         self.class_dropout_prob, name="y_embedder")(y, train)
+        return c
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train: bool = False):
+        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, self.in_channels):
+            raise ValueError(
+                f"DiT expects NHWC inputs [B, {self.input_size}, {self.input_size}, "
+                f"{self.in_channels}] but got {tuple(x.shape)}; check model.input_size and "
+                "model.in_channels against the data.")
+        batch = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        y = jnp.zeros((batch,), jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+
+        pos = layers.sincos_pos_embed_2d(self.hidden_size, self.grid_size)
+        h = layers.PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name="x_embedder")(
+            x.astype(self.dtype))
+        h = h.astype(jnp.float32) + pos[None]
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        c = self.embed_condition(t, y, train)
+
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
+                          self.attention_impl, name=f"blocks_{i}")(h, c)
+            h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+
+        h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)
+        return self.unpatchify(h)
+
+    def unpatchify(self, h: jax.Array) -> jax.Array:
+        """[B, S, p·p·C] -> [B, H, W, C] (the per-token features are ordered (p, q, C))."""
+        b, g, p, c = h.shape[0], self.grid_size, self.patch_size, self.out_channels
+        h = h.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, g * p, g * p, c)

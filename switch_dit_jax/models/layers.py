@@ -1,0 +1,178 @@
+"""Building blocks of the DiT backbone: embedders, attention, MLP, adaLN modulation.
+
+Initialisation follows the official DiT (facebookresearch/DiT `models.py`): xavier-uniform
+linears with zero bias, N(0, 0.02) timestep MLP and label table, zero adaLN and final layer.
+Parameters are float32 and carry logical axis names (see `switch_dit_jax.parallel`); matmuls
+run in `dtype` (the compute dtype).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, names: Sequence[str | None]):
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
+          kernel_init=xavier_uniform, name: str | None = None) -> nn.Dense:
+    """A Linear with torch-style xavier init (fan_in, fan_out of the 2-D weight) and zero bias."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=logical(kernel_init, names),
+                    bias_init=logical(zeros, names[1:]), name=name)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters, eps 1e-6, computed in float32 for stability."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-6)
+
+
+def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of (possibly fractional) timesteps, [cos | sin] as in DiT."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Frozen 2-D sin-cos position table [grid_size**2, embed_dim] (MAE/DiT layout).
+
+    Token i*grid+j gets [emb_1d(j) | emb_1d(i)]: the first half encodes the column, as in the
+    official code, so that imported checkpoints see the positions they were trained with.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"hidden_size={embed_dim} must be divisible by 4 for the 2-D sin-cos "
+                         "position embedding; pick a multiple of 4.")
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                             np.arange(grid_size, dtype=np.float64), indexing="ij")
+
+    def emb_1d(pos):
+        omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([emb_1d(cols), emb_1d(rows)], axis=1).astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches of an NHWC image to tokens [B, (H/p)·(W/p), D]."""
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch_size
+        # torch's xavier on the weight viewed as [D, C·p·p]: fan_in = C·p·p, fan_out = D.
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform",
+                                                in_axis=(0, 1, 2), out_axis=3)
+        x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                    dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=logical(init, (None, None, None, "embed")),
+                    bias_init=logical(zeros, ("embed",)), name="proj")(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timesteps -> sinusoidal features -> Linear -> SiLU -> Linear."""
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):
+        x = timestep_frequencies(t, self.frequency_embedding_size)
+        x = dense(self.hidden_size, ("freq", "embed"), self.dtype, normal_002, "mlp_0")(x)
+        x = nn.silu(x)
+        return dense(self.hidden_size, ("mlp", "embed"), self.dtype, normal_002, "mlp_2")(x)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors, with an extra "null" row used for classifier-free guidance.
+
+    Labels equal to `num_classes` select the null row; in training each label is replaced by it
+    with probability `dropout_prob` (rng stream 'dropout').
+    """
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+
+    @nn.compact
+    def __call__(self, labels, train: bool):
+        table = self.param("embedding_table", logical(normal_002, ("vocab", "embed")),
+                           (self.num_classes + 1, self.hidden_size), jnp.float32)
+        if train and self.dropout_prob > 0:
+            if not self.has_rng("dropout"):
+                raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "
+                                 "key: call model.apply(..., rngs={'dropout': key}).")
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
+            labels = jnp.where(drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim])."""
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str | None = None  # None (XLA picks), "xla" or "cudnn"
+
+    @nn.compact
+    def __call__(self, x):
+        b, s, d = x.shape
+        qkv = dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
+        qkv = qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, d))
+
+
+class Mlp(nn.Module):
+    """The DiT feed-forward network: Linear(D, r·D) -> GELU(tanh) -> Linear(r·D, D)."""
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        h = dense(self.hidden_features, ("embed", "mlp"), self.dtype, name="fc1")(
+            x.astype(self.dtype))
+        h = nn.gelu(h, approximate=True)
+        return dense(d, ("mlp", "embed"), self.dtype, name="fc2")(h)
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU(c) -> zero-initialised Linear(D, n·D), split into n vectors (adaLN-Zero)."""
+    num_chunks: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c):
+        d = c.shape[-1]
+        out = dense(self.num_chunks * d, ("embed", "adaln"), self.dtype, zeros, "linear")(
+            nn.silu(c).astype(self.dtype))
+        return jnp.split(out.astype(jnp.float32), self.num_chunks, axis=-1)
