@@ -1,0 +1,128 @@
+"""Steady-state training throughput of a config's compiled train step on the present devices.
+
+    python benchmarks/train_throughput.py --config=configs/dit_b.py \
+        --config.model.compute_dtype=bfloat16 [--windows=5 --steps_per_window=10]
+
+Synthetic data (the data pipeline is not measured). Reports images/s (median of several timed
+windows after warm-up), peak device memory, and model FLOPs utilisation: FLOPs of one step from
+XLA's cost analysis of the compiled step, over the device's peak dense FLOP/s from the table
+below (none for CPUs, whose peak depends on the part).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from switch_dit_jax import parallel
+from switch_dit_jax.models import build_model
+from switch_dit_jax.train.state import count_params, create_train_state, make_optimizer, \
+    state_shardings
+from switch_dit_jax.train.step import make_diffusion, make_train_step
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_integer("warmup_steps", 3, "Steps before timing (after compilation).")
+flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
+flags.DEFINE_integer("steps_per_window", 10, "Steps per timed window.")
+flags.DEFINE_string("out", "", "Optional path of a JSON file for the result.")
+FLAGS = flags.FLAGS
+
+# Peak dense FLOP/s per device for the compute dtype (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,  # SXM; fp32 = non-tensor-core
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5p", "bfloat16"): 459e12, ("TPU v6 lite", "bfloat16"): 918e12,
+}
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for (name, dt), value in PEAK_FLOPS.items():
+        if name in kind and dt == dtype:
+            return value
+    return None
+
+
+def step_flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def peak_memory_bytes(device) -> tuple[int, str]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    mesh = parallel.make_mesh(config.mesh)
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    _, shardings = state_shardings(model, tx, mesh)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    b, s, c = config.train.global_batch_size, model.input_size, model.in_channels
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": rng.standard_normal((b, s, s, c), np.float32),
+                            "label": rng.integers(0, model.num_classes, b).astype(np.int32)},
+                           parallel.batch_sharding(mesh))
+    key = jax.random.PRNGKey(1)
+    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                 parallel.replicated(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(FLAGS.warmup_steps):
+            state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        window_s = []
+        for _ in range(FLAGS.windows):
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.steps_per_window):
+                state, metrics = compiled(state, batch, key)
+            jax.block_until_ready(metrics)
+            window_s.append(time.perf_counter() - t0)
+
+    device = jax.devices()[0]
+    step_s = statistics.median(window_s) / FLAGS.steps_per_window
+    flops = step_flops(compiled)
+    peak = peak_flops(device, config.model.compute_dtype)
+    memory, memory_kind = peak_memory_bytes(device)
+    result = {
+        "model": config.model.name, "compute_dtype": config.model.compute_dtype,
+        "global_batch_size": b, "devices": jax.device_count(),
+        "device_kind": getattr(device, "device_kind", device.platform),
+        "params": count_params(state.params), "compile_s": round(compile_s, 2),
+        "step_ms_median": round(step_s * 1e3, 3),
+        "images_per_s_median": round(b / step_s, 2),
+        "step_ms_windows": [round(w / FLAGS.steps_per_window * 1e3, 3) for w in window_s],
+        "tflops_per_step": flops / 1e12 if flops else None,
+        "achieved_tflops_per_s": flops / step_s / 1e12 if flops else None,
+        "mfu": flops / step_s / (peak * jax.device_count()) if flops and peak else None,
+        "peak_memory_gib": round(memory / 2 ** 30, 3), "peak_memory_kind": memory_kind,
+    }
+    print(json.dumps(result, indent=1))
+    if FLAGS.out:
+        with open(FLAGS.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

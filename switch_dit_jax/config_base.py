@@ -1,0 +1,102 @@
+"""The shared base of every config in `configs/`: paper defaults (DiT, DESIGN.md §5).
+
+Config files call `get_base_config()` and change what their model needs. The base lives in
+the package (not in `configs/`) so that it imports the same way from `main`, tests,
+benchmarks and notebooks, wherever the config file itself is.
+"""
+from ml_collections import ConfigDict
+
+
+def get_base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # base seed: parameter init and the per-step randomness fold_in(key, step)
+
+    c.model = ConfigDict()
+    c.model.name = "DiT-XL/2"         # "DiT-{S,B,L,XL}/{2,4,8}" or "custom" (set the 4 below)
+    c.model.depth = None              # overrides of the named size (None = from the name)
+    c.model.hidden_size = None
+    c.model.num_heads = None
+    c.model.patch_size = None
+    c.model.input_size = 32           # model input H = W (32 = 256px images as SD latents)
+    c.model.in_channels = 4           # model input channels (4 = SD latents)
+    c.model.num_classes = 1000        # 1 = unconditional (no label embedding)
+    c.model.class_dropout_prob = 0.1  # label dropout for classifier-free guidance
+    c.model.learn_sigma = True        # predict the variance too (IDDPM hybrid loss mse + vb)
+    c.model.mlp_ratio = 4.0           # FFN width / model width
+    c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
+    c.model.attention_impl = None     # None (XLA picks) | "xla" | "cudnn"
+    c.model.remat = False             # recompute blocks in the backward pass to save memory
+
+    c.diffusion = ConfigDict()
+    c.diffusion.objective = "gaussian"  # "gaussian" = DDPM/IDDPM
+    c.diffusion.schedule = "linear"     # beta schedule: "linear" (DiT) | "cosine" (IDDPM)
+    c.diffusion.num_timesteps = 1000    # T of the training process
+
+    c.data = ConfigDict()
+    c.data.name = "latents"        # "digits" | "latents" (ArrayRecord) | "tfds"
+    c.data.dir = ""                # latents: shard directory; tfds: data_dir
+    c.data.tfds_name = "imagenet2012"  # tfds dataset name (data.name == "tfds")
+    c.data.split = "train"         # tfds split
+    c.data.image_size = 256        # tfds: ADM centre crop + resize to this size
+    c.data.hflip = True            # random horizontal flips
+    c.data.latent_scale = 0.18215  # SD VAE latent scaling
+    c.data.num_workers = 0         # grain worker processes (0 = in the training process)
+    c.data.seed = 0                # shuffle and augmentation seed
+
+    c.train = ConfigDict()
+    c.train.global_batch_size = 256  # images per step over all devices and hosts
+    c.train.num_steps = 400_000      # total optimizer steps (a resumed run stops here too)
+    c.train.learning_rate = 1e-4     # AdamW learning rate (constant after warm-up)
+    c.train.warmup_steps = 0         # linear warm-up steps
+    c.train.weight_decay = 0.0       # AdamW decoupled weight decay
+    c.train.b1 = 0.9                 # AdamW beta1
+    c.train.b2 = 0.999               # AdamW beta2
+    c.train.eps = 1e-8               # AdamW epsilon
+    c.train.grad_clip_norm = 0.0     # clip the global gradient norm to this (0 = off)
+    c.train.ema_decay = 0.9999       # EMA of params and model_state, updated every step
+    c.train.log_every = 100          # steps between metric writes
+    c.train.checkpoint_every = 10_000  # steps between checkpoints
+    c.train.keep_checkpoints = 3     # how many recent checkpoints to keep
+    c.train.async_checkpointing = True  # write checkpoints in the background
+    c.train.sample_every = 10_000    # steps between EMA sample grids (0 = never)
+
+    c.sample = ConfigDict()
+    c.sample.num_samples = 64      # images per sample grid / --mode=sample
+    c.sample.batch_size = 64       # images per sampling batch (global, over all devices)
+    c.sample.sampler = "ddpm"      # "ddpm" (ancestral) | "ddim"
+    c.sample.num_steps = 250       # respaced sampling steps
+    c.sample.eta = 0.0             # DDIM eta
+    c.sample.cfg_scale = 4.0       # classifier-free guidance scale (1 = none)
+    c.sample.labels = ""           # comma-separated class labels ("" = cycle through classes)
+    c.sample.clip_denoised = False  # clip predicted x0 to [-1, 1] (True for pixel data)
+    c.sample.seed = 0              # sampling seed
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1     # data-parallel size (-1 = the devices left over)
+    c.mesh.fsdp = 1      # parameter-sharding (FSDP) size
+    c.mesh.expert = 1    # expert-parallel size
+    return c
+
+
+def load_config(path: str, overrides: dict | None = None) -> ConfigDict:
+    """`get_config()` of a config file (as `--config=path` would), with dotted overrides:
+    load_config("configs/quickstart.py", {"train.num_steps": 10})."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist; pass configs/NAME.py.")
+    spec = importlib.util.spec_from_file_location(
+        "config_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}.")
+        node[leaf] = value
+    return config

@@ -1,0 +1,290 @@
+"""Random-access data sources for grain: sklearn digits, ArrayRecord VAE latents, TFDS images.
+
+Every source has `__len__`, `__getitem__`, `image_shape` (H, W, C of what the training
+pipeline yields) and `num_classes` (None when unknown).  A deterministic `__repr__` matters:
+grain stores `repr(source)` in iterator checkpoints and refuses to restore on a mismatch.
+
+Latent record format (the contract between latent extraction and training)
+--------------------------------------------------------------------------
+One ArrayRecord record per image, all integers/floats little-endian:
+
+    bytes 0..3    magic b"SDL1"
+    bytes 4..23   int32[5]: h, w, c, label, num_classes (0 = unknown)
+    then          float32[h, w, c] VAE posterior mean (unscaled, C-order)
+    then          float32[h, w, c] VAE posterior std  (unscaled, C-order)
+
+Shards are named `{prefix}-{i:05d}-of-{n:05d}.array_record`; `LatentSource` reads every
+`*.array_record` in a directory in sorted order.  The 0.18215 latent scale is applied by the
+pipeline, not stored.  Shards are written under a `.tmp` suffix and renamed on close, so a
+crashed writer never leaves a file that matches `*.array_record`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+
+import grain.python as grain
+
+LATENT_MAGIC = b"SDL1"
+_HEADER = struct.Struct("<4s5i")
+DATA_NAMES = ("digits", "latents", "tfds")
+
+
+def _field(cfg, name, default=None):
+    """Reads a config field from an ml_collections.ConfigDict, a dict or a plain object."""
+    if hasattr(cfg, "get"):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+class DigitsSource:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes); needs no download."""
+
+    image_shape = (8, 8, 1)
+    num_classes = 10
+
+    def __init__(self):
+        from sklearn.datasets import load_digits  # lazy: sklearn import is slow
+        digits = load_digits()
+        self._images = (digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[..., None]
+        self._labels = digits.target.astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self._images[index], "label": self._labels[index]}
+
+    def __repr__(self) -> str:
+        return "DigitsSource()"
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+def encode_latent_record(mean, std, label: int, num_classes: int = 0) -> bytes:
+    mean = np.asarray(mean, dtype="<f4")
+    std = np.asarray(std, dtype="<f4")
+    if mean.ndim != 3 or mean.shape != std.shape:
+        raise ValueError(f"latent mean/std must both be [h, w, c]; got {mean.shape} and {std.shape}.")
+    h, w, c = mean.shape
+    header = _HEADER.pack(LATENT_MAGIC, h, w, c, int(label), int(num_classes or 0))
+    return header + np.ascontiguousarray(mean).tobytes() + np.ascontiguousarray(std).tobytes()
+
+
+def decode_latent_record(record: bytes) -> dict:
+    magic, h, w, c, label, num_classes = _HEADER.unpack_from(record, 0)
+    if magic != LATENT_MAGIC:
+        raise ValueError(f"record starts with {magic!r}, not {LATENT_MAGIC!r}: not a latent shard "
+                         "written by switch_dit_jax.data.sources.LatentShardWriter.")
+    n = h * w * c
+    flat = np.frombuffer(record, dtype="<f4", count=2 * n, offset=_HEADER.size)
+    return {
+        "mean": flat[:n].reshape(h, w, c).astype(np.float32),
+        "std": flat[n:].reshape(h, w, c).astype(np.float32),
+        "label": np.int32(label),
+        "num_classes": num_classes,
+    }
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}.array_record"
+
+
+class LatentShardWriter:
+    """Streams latent records into one ArrayRecord shard; visible only after `close()`.
+
+    Use as a context manager: an exception inside the block discards the partial shard.
+    """
+
+    def __init__(self, out_dir: str, shard_index: int = 0, num_shards: int = 1,
+                 prefix: str = "latents", num_classes: int | None = None):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards}).")
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, shard_name(prefix, shard_index, num_shards))
+        self._tmp_path = self.path + ".tmp"
+        self._num_classes = num_classes
+        # group_size:1 keeps every record independently addressable, which random access needs.
+        self._writer = ArrayRecordWriter(self._tmp_path, "group_size:1")
+        self.num_records = 0
+
+    def write(self, mean, std, label) -> None:
+        label = int(label)
+        if self._num_classes and not 0 <= label < self._num_classes:
+            raise ValueError(f"label={label} is outside [0, num_classes={self._num_classes}).")
+        self._writer.write(encode_latent_record(mean, std, label, self._num_classes or 0))
+        self.num_records += 1
+
+    def close(self) -> str:
+        self._writer.close()
+        os.replace(self._tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        if os.path.exists(self._tmp_path):
+            os.remove(self._tmp_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_latent_shards(out_dir: str, means, stds, labels, num_shards: int = 1,
+                        prefix: str = "latents", num_classes: int | None = None) -> list[str]:
+    """Writes in-memory latents ([n,h,w,c] means/stds, [n] labels) as `num_shards` shards."""
+    means, stds, labels = np.asarray(means), np.asarray(stds), np.asarray(labels)
+    n = len(labels)
+    if not len(means) == len(stds) == n:
+        raise ValueError(f"means, stds and labels disagree on the record count: "
+                         f"{len(means)}, {len(stds)}, {n}.")
+    if not 1 <= num_shards <= max(n, 1):
+        raise ValueError(f"num_shards={num_shards} must be between 1 and the record count ({n}).")
+    paths = []
+    for i, idx in enumerate(np.array_split(np.arange(n), num_shards)):
+        with LatentShardWriter(out_dir, i, num_shards, prefix, num_classes) as writer:
+            for j in idx:
+                writer.write(means[j], stds[j], labels[j])
+        paths.append(writer.path)
+    return paths
+
+
+class LatentSource:
+    """Pre-extracted VAE latents from `*.array_record` shards; yields unscaled mean/std/label."""
+
+    def __init__(self, data_dir: str):
+        if not data_dir or not os.path.isdir(data_dir):
+            raise FileNotFoundError(
+                f"data.dir={data_dir!r} does not exist; point data.dir at the directory of "
+                "*.array_record latent shards written by the latent extraction script.")
+        names = sorted(f for f in os.listdir(data_dir) if f.endswith(".array_record"))
+        if not names:
+            raise FileNotFoundError(
+                f"data.dir={data_dir!r} contains no *.array_record shards; run latent extraction "
+                "into it first (shards still being written end in .tmp and are ignored).")
+        self._names = names
+        self._source = grain.ArrayRecordDataSource([os.path.join(data_dir, f) for f in names])
+        if len(self._source) == 0:
+            raise ValueError(f"data.dir={data_dir!r} holds only empty shards; re-run latent extraction.")
+        first = decode_latent_record(self._source[0])
+        self.image_shape = tuple(first["mean"].shape)
+        self.num_classes = first["num_classes"] or None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = decode_latent_record(self._source[index])
+        return {"mean": rec["mean"], "std": rec["std"], "label": rec["label"]}
+
+    def __repr__(self) -> str:
+        # Names and count, not the absolute dir, so a checkpoint survives moving the shards.
+        return f"LatentSource(shards={self._names!r}, num_records={len(self)})"
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+def center_crop_arr(image, image_size: int) -> np.ndarray:
+    """ADM's centre crop: BOX-halve while possible, BICUBIC to min side == size, crop centre."""
+    pil = image
+    if not isinstance(pil, Image.Image):
+        arr = np.asarray(image)
+        pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    # Halving with BOX before the final BICUBIC avoids aliasing on large downscales.
+    while min(*pil.size) >= 2 * image_size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    scale = image_size / min(*pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+    arr = np.array(pil)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+class TfdsSource:
+    """A TFDS dataset prepared as ArrayRecord, centre-cropped to `image_size`, in [-1, 1]."""
+
+    def __init__(self, tfds_name: str, data_dir: str | None, split: str = "train",
+                 image_size: int = 256):
+        import tensorflow_datasets as tfds  # lazy: heavy import, only needed for this source
+        if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+            raise ValueError(f"data.image_size={image_size!r} must be a positive integer.")
+        if data_dir and not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data.dir={data_dir!r} does not exist; set data.dir to the TFDS "
+                                    f"data_dir holding the prepared {tfds_name!r} dataset.")
+        hint = (f"prepare it with `tfds build {tfds_name} --data_dir={data_dir or '<default>'} "
+                "--file_format=array_record` (random access needs ArrayRecord)")
+        try:
+            builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise FileNotFoundError(f"data.tfds_name={tfds_name!r} is neither a known TFDS dataset nor "
+                                    f"prepared in data.dir={data_dir!r}; check the name or {hint}.") from None
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"data.tfds_name={tfds_name!r} is not prepared in "
+                                    f"data.dir={data_dir!r}; {hint}.")
+        fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
+        if fmt != "array_record":
+            raise ValueError(f"data.tfds_name={tfds_name!r} in data.dir={data_dir!r} is stored as "
+                             f"{fmt}, not ArrayRecord; {hint}.")
+        base_split = split.split("[")[0]
+        if "+" not in split and base_split not in builder.info.splits:
+            raise ValueError(f"data.split={split!r} is not a split of {tfds_name!r}; choose one of "
+                             f"{sorted(builder.info.splits)}.")
+        self._source = builder.as_data_source(split=split)
+        features = builder.info.features
+        if "image" not in features or "label" not in features:
+            raise ValueError(f"data.tfds_name={tfds_name!r} lacks an 'image' or 'label' feature; "
+                             "only labelled image datasets are supported.")
+        channels = features["image"].shape[-1] or 3
+        self.image_shape = (image_size, image_size, channels)
+        self.num_classes = getattr(features["label"], "num_classes", None)
+        self._desc = (tfds_name, split, image_size, len(self._source))
+        self._image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self._source[index]
+        img = center_crop_arr(rec["image"], self._image_size)
+        return {"image": img.astype(np.float32) / 127.5 - 1.0, "label": np.int32(rec["label"])}
+
+    def __repr__(self) -> str:
+        name, split, size, n = self._desc
+        return f"TfdsSource(name={name!r}, split={split!r}, image_size={size}, num_records={n})"
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def make_source(data_config):
+    """Builds the source named by `data_config.name`."""
+    name = _field(data_config, "name")
+    if name == "digits":
+        return DigitsSource()  # always 8x8: data.image_size only drives the tfds centre crop
+    if name == "latents":
+        return LatentSource(_field(data_config, "dir"))
+    if name == "tfds":
+        tfds_name = _field(data_config, "tfds_name")
+        if not tfds_name:
+            raise ValueError("data.tfds_name is empty; set it to a TFDS dataset name such as "
+                             "'imagenet2012'.")
+        return TfdsSource(tfds_name, _field(data_config, "dir") or None,
+                          _field(data_config, "split", "train"), _field(data_config, "image_size"))
+    raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {list(DATA_NAMES)}.")

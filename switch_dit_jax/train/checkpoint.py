@@ -1,0 +1,364 @@
+"""Checkpoints of (TrainState, data-iterator position, config) and SIGTERM-driven preemption.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}` written by an Orbax CheckpointManager.
+On a local or POSIX file system Orbax writes each step into `<step>.orbax-checkpoint-tmp` and
+renames it on commit (on GCS it writes a `commit_success.txt` marker instead), so a run killed
+mid-save leaves the previous step as the newest restorable one; the leftover temporary directory
+is ignored when listing steps and deleted by the next run's first save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import grain.python as grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+# Fields of config.model that choose how the same network is executed (memory, kernels), not
+# which network it is: switching them on resume is legitimate and keeps every parameter valid.
+_EXECUTION_ONLY_MODEL_FIELDS = frozenset({"remat", "attention_impl"})
+# Data fields that identify the example stream; data.dir is left out so a dataset can move.
+_DATA_FIELDS = ("name", "tfds_name", "split", "image_size", "latent_scale", "seed")
+# Optimizer fields whose change would silently alter the optimizer state's meaning. The
+# learning rate, warm-up and EMA decay are left out: changing them on resume is a common choice.
+_OPTIMIZER_FIELDS = ("global_batch_size", "b1", "b2", "eps", "weight_decay")
+
+
+class ConfigMismatchError(ValueError):
+    """The config a checkpoint was written with differs from the current one in a resume field."""
+
+
+def _jsonable(value):
+    # Round-trip through JSON so that a fingerprint compares equal to its saved copy (tuples
+    # become lists, numpy scalars become Python numbers).
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(prefix: str, node, out: dict, skip=frozenset()):
+    for key in sorted(node.keys()):
+        if key in skip:
+            continue
+        value = node[key]
+        if hasattr(value, "keys"):
+            _flatten(f"{prefix}.{key}", value, out)
+        else:
+            out[f"{prefix}.{key}"] = value
+
+
+def config_fingerprint(config) -> dict:
+    """The config fields that must match for a checkpoint to be resumed, as {"a.b": value}.
+
+    All of `model` (except execution-only switches) and `diffusion`, the identity of the data
+    stream, the global batch size and the optimizer hyperparameters that shape its state.
+    Not included: run length, intervals, learning-rate schedule, EMA decay, workers, mesh, sample.
+    """
+    fp: dict[str, Any] = {}
+    _flatten("model", config.model, fp, skip=_EXECUTION_ONLY_MODEL_FIELDS)
+    _flatten("diffusion", config.diffusion, fp)
+    for key in _DATA_FIELDS:
+        fp[f"data.{key}"] = config.data.get(key)
+    for key in _OPTIMIZER_FIELDS:
+        fp[f"train.{key}"] = config.train.get(key)
+    # Clipping adds a state entry to the optax chain; its threshold is free to change.
+    fp["train.grad_clip_norm>0"] = bool((config.train.get("grad_clip_norm") or 0) > 0)
+    return _jsonable(fp)
+
+
+def _fingerprint_diff(saved: dict, current: dict) -> list[str]:
+    absent = object()
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, absent), current.get(key, absent)
+        if a != b:
+            show = lambda v: "<absent>" if v is absent else json.dumps(v)
+            diffs.append(f"{key}: checkpoint {show(a)}, config {show(b)}")
+    return diffs
+
+
+class Checkpointer:
+    """Saves and restores TrainState + grain iterator + config under `<workdir>/checkpoints`.
+
+    Every process of a multi-process run must make the same calls (Orbax synchronises them).
+    """
+
+    def __init__(self, workdir: str, config, *, max_to_keep: int, async_save: bool = True,
+                 read_only: bool = False):
+        if not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer "
+                             "(config.train.keep_checkpoints).")
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.config = config
+        every = config.train.get("checkpoint_every") or 0
+        self._every = int(every) if every > 0 else 0
+        self._last_step = config.train.get("num_steps")
+        options = ocp.CheckpointManagerOptions(
+            # Orbax warns and overrides these two when read-only; pass what it would set.
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1,  # the interval is decided in save()
+            enable_async_checkpointing=async_save,
+            # Not on opening: a process that only restores (e.g. sampling from a live run) must
+            # not delete the temporary directory of a save in progress; see _remove_leftovers.
+            cleanup_tmp_directories=False,
+            read_only=read_only,
+            create=not read_only)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.PyGrainCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+        self._read_only = read_only
+        self._saved_once = False
+        # A run that ends without close() (an exception, a forgotten call) would otherwise lose
+        # its last async save: interpreter exit shuts down the thread pools Orbax commits with
+        # ("cannot schedule new futures after shutdown") and leaves only a temporary directory.
+        # threading's exit hooks run before those pools shut down; atexit's run after.
+        # The hook holds the manager, not self: the Checkpointer may be gone while a save is not.
+        self._pending = {"manager": None if read_only else self._manager}
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None and not read_only:
+            register(_wait_at_exit, self._pending)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def _complete_steps(self) -> list[int]:
+        # The manager lists a step as soon as its save *starts*; only a committed (renamed or
+        # marked) directory is a checkpoint we may restore.
+        return [s for s in self._manager.all_steps()
+                if ocp.path.step.is_path_finalized(self.directory / str(s))]
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self._complete_steps()
+        return max(steps) if steps else None
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._complete_steps())
+
+    # -- save ------------------------------------------------------------------------------------
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        """Saves when `step` is a multiple of train.checkpoint_every, is train.num_steps, or `force`.
+
+        Every process must call it with the same step. Returns whether a save was started.
+        With async saving, the device-to-host copy and the
+        data-iterator state are taken before returning, so training may go on (and advance the
+        iterator) at once; the files are written in the background, and the next save waits.
+        """
+        if self._read_only:
+            raise ValueError(f"this Checkpointer for {self.directory} is read-only; open it with "
+                             "read_only=False to save.")
+        step = int(step)
+        due = (self._every and step % self._every == 0) or step == self._last_step
+        if not (force or due):
+            return False
+        known = self._manager.all_steps()
+        if step in known:
+            # E.g. preempted right after resuming: the checkpoint for this step is already there
+            # (or being written) and holds the same state.
+            log.info("checkpoint for step %d already exists in %s; not saving it again.", step,
+                     self.directory)
+            return False
+        if known and step < max(known):
+            raise ValueError(f"cannot save step {step} into {self.directory} because it already "
+                             f"holds the later step {max(known)}; resume from the latest checkpoint "
+                             "or use a new --workdir.")
+        if not self._saved_once:
+            self._remove_leftovers()
+            self._saved_once = True
+        meta = {"format": _FORMAT_VERSION,
+                "fingerprint": config_fingerprint(self.config),
+                "process_count": jax.process_count(),
+                "config": json.loads(self.config.to_json_best_effort())}
+        return self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.PyGrainCheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(meta)))
+
+    def _remove_leftovers(self) -> None:
+        # Temporary directories of saves that a crash interrupted; this process is now the writer
+        # of the directory, so none of them can still be in progress. Orbax's save starts with a
+        # barrier, so the other processes write nothing before process 0 is done here.
+        if jax.process_index() == 0:
+            for path in self.directory.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
+                log.info("removing %s, left behind by an interrupted save.", path)
+                path.rmtree()
+
+    def wait(self) -> None:
+        """Blocks until pending saves are committed; re-raises a background save's error."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's threads; call before the process exits."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+        self._pending["manager"] = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- restore ---------------------------------------------------------------------------------
+
+    def saved_config(self, step: int | None = None) -> dict:
+        """The metadata saved with a checkpoint: format, fingerprint, process_count, full config."""
+        step = self._resolve_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+
+    def _resolve_step(self, step: int | None) -> int:
+        self._manager.wait_until_finished()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"there is no complete checkpoint in {self.directory}; train "
+                                        "from scratch or point --workdir at a run that has one.")
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"there is no complete checkpoint for step {step} in "
+                                    f"{self.directory}; the complete ones are {steps or 'none'}.")
+        return int(step)
+
+    def restore(self, abstract_state, shardings, data_iterator, step: int | None = None):
+        """Returns the TrainState of `step` (None = latest) placed with `shardings`.
+
+        `abstract_state` gives the tree structure, shapes and dtypes (e.g. from `state_shardings`);
+        `shardings` is a matching tree of Shardings or one Sharding for every leaf.
+        `data_iterator` (a grain DataLoader iterator, or None to skip) is set to the saved position.
+        Raises ConfigMismatchError when the checkpoint's fingerprint differs from this config's.
+        """
+        step = self._resolve_step(step)
+        meta = self.saved_config(step)
+        diffs = _fingerprint_diff(meta.get("fingerprint", {}), config_fingerprint(self.config))
+        if diffs:
+            raise ConfigMismatchError(
+                f"the checkpoint at step {step} in {self.directory} was written with a different "
+                f"config ({'; '.join(diffs)}); restore the config it was trained with, or use a new "
+                "--workdir to start a separate run.")
+        if isinstance(shardings, jax.sharding.Sharding):
+            shardings = jax.tree.map(lambda _: shardings, abstract_state)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state, shardings)
+        args = {"state": ocp.args.StandardRestore(target)}
+        if data_iterator is not None:
+            saved_count = meta.get("process_count", 1)
+            if saved_count != jax.process_count():
+                raise ValueError(f"the checkpoint at step {step} in {self.directory} was written by "
+                                 f"{saved_count} processes but this run has {jax.process_count()}, so "
+                                 "the per-process data positions cannot be restored; resume with "
+                                 f"{saved_count} processes or use a new --workdir.")
+            # The iterator first: its restore starts prefetching, which then overlaps the state read.
+            self._restore_data(step, data_iterator, meta)
+        return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+    def _restore_data(self, step: int, data_iterator, meta: dict) -> None:
+        try:
+            self._manager.restore(step, args=ocp.args.Composite(
+                data=grain.PyGrainCheckpointRestore(data_iterator)))
+        except ValueError as e:
+            # grain checks the worker count, sampler (seed, size, sharding) and source repr, and
+            # reports the mismatch over several lines.
+            saved = meta.get("config", {}).get("data", {}).get("num_workers")
+            now = self.config.data.get("num_workers")
+            hint = (f"data.num_workers was {saved} and is {now}, which grain cannot convert; "
+                    f"set it back to {saved}" if saved != now else
+                    "keep the data source, data.seed and the batch size as they were")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"the data-iterator state at step {step} in {self.directory} does not "
+                             f"fit this run's data loader ({first}): {hint}, or use a new "
+                             "--workdir.") from e
+
+
+def _wait_at_exit(pending: dict) -> None:
+    manager = pending.get("manager")
+    if manager is not None:
+        try:
+            manager.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except
+            log.exception("the last checkpoint save failed while the process was exiting.")
+
+
+def _jax_preemption_service() -> bool:
+    """Whether jax.distributed runs its preemption sync manager (its C++ SIGTERM notifier)."""
+    try:
+        from jax._src import distributed  # pylint: disable=g-import-not-at-top
+        state = distributed.global_state
+        return state.client is not None and state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+class PreemptionGuard:
+    """Context manager turning SIGTERM (a scheduler's preemption notice) into a stop flag.
+
+    Use: `with PreemptionGuard() as guard: ... if guard.should_stop(step): save, break`.
+    Call `should_stop(step)` once per training step on every process with the same `step`.
+
+    Multi-process agreement, in order of preference:
+    * jax.distributed with its preemption service (the default): JAX's C++ notifier already
+      catches SIGTERM and the coordination service picks a sync step (max step seen + 1);
+      `should_stop` is `multihost_utils.reached_preemption_sync_point(step)`, which costs
+      nothing until a notice arrives. No Python handler is installed in this mode, because
+      `signal.signal` would replace the C++ handler and the notice would never reach JAX. The
+      sync step comes a few steps after the signal (the notifier polls once a second).
+    * otherwise (one process, or the service disabled): a Python handler sets a local flag; with
+      several processes, `should_stop` ORs the flags with `process_allgather` (one tiny
+      collective per call), so all processes stop at the same step.
+    """
+
+    def __init__(self):
+        self.received = False  # set by the Python handler when it is in use
+        self._stopped = False
+        self._old_handler = None
+        self._installed = False
+        self.mode = None  # "jax_sync" | "allgather" | "local", chosen on entry
+
+    def _handle(self, signum, frame):
+        del frame
+        if not self.received:
+            log.warning("received signal %d: stopping at the next step boundary.", signum)
+        self.received = True
+
+    def __enter__(self) -> "PreemptionGuard":
+        if _jax_preemption_service():
+            self.mode = "jax_sync"
+        else:
+            self.mode = "allgather" if jax.process_count() > 1 else "local"
+            # signal.signal raises ValueError off the main thread: the guard belongs in main().
+            self._old_handler = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            # getsignal() gives None for a handler installed outside Python; the default is the
+            # closest thing we can put back.
+            old = self._old_handler if self._old_handler is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, old)
+            self._installed = False
+
+    def should_stop(self, step: int) -> bool:
+        """True from the step at which this process (and all others) should save and exit."""
+        if self._stopped:
+            return True
+        if self.mode == "jax_sync":
+            self._stopped = bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        elif self.mode == "allgather":
+            flags = multihost_utils.process_allgather(np.asarray(self.received, np.int32))
+            self._stopped = bool(np.any(flags))
+        else:
+            self._stopped = self.received
+        return self._stopped

@@ -1,0 +1,125 @@
+"""Metric writers and progress reports that work with or without TensorFlow.
+
+clu's `metric_writers` and `periodic_actions` import TensorFlow at module load, and this
+package must train without it. So: when TensorFlow is importable, clu's writers (TensorBoard
+summaries + logging) and `ReportProgress` are used; otherwise the same interface is served by
+logging plus a JSONL file (`<workdir>/metrics.jsonl`), and a small progress reporter.
+PNG images are always written to `<workdir>/samples/` by the caller.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+log = logging.getLogger("switch_dit_jax")
+
+
+def tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+class JsonlWriter:
+    """Scalars as JSON lines ({"step": s, name: value, ...}) plus a log line; images as a log
+    line only (they are saved as PNGs next to the JSONL)."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._file.flush()
+        log.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        log.info("[%d] images: %s", step, ", ".join(f"{k} {v.shape}" for k, v in images.items()))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MultiWriter:
+    def __init__(self, writers):
+        self._writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self._writers:
+            w.write_scalars(step, scalars)
+
+    def write_images(self, step, images):
+        for w in self._writers:
+            w.write_images(step, images)
+
+    def flush(self):
+        for w in self._writers:
+            w.flush()
+
+    def close(self):
+        for w in self._writers:
+            w.close()
+
+
+class NullWriter:
+    def write_scalars(self, step, scalars):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_writer(workdir: str, is_chief: bool):
+    """Only the chief process writes; the JSONL file is written with or without TensorFlow."""
+    if not is_chief:
+        return NullWriter()
+    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    if tensorflow_available():
+        from clu import metric_writers
+        writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+    return MultiWriter(writers)
+
+
+class ProgressReporter:
+    """steps/s and ETA every `every_steps` (clu `ReportProgress` when TensorFlow is present)."""
+
+    def __init__(self, num_train_steps: int, writer, every_steps: int):
+        self._clu = None
+        if tensorflow_available():
+            from clu import periodic_actions
+            self._clu = periodic_actions.ReportProgress(num_train_steps=num_train_steps,
+                                                        writer=writer, every_steps=every_steps)
+        self._total, self._every, self._writer = num_train_steps, every_steps, writer
+        self._last_step, self._last_time = None, None
+
+    def __call__(self, step: int) -> None:
+        if self._clu is not None:
+            self._clu(step)
+            return
+        now = time.monotonic()
+        if self._last_step is None:
+            self._last_step, self._last_time = step, now
+            return
+        if step - self._last_step < self._every:
+            return
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        eta = (self._total - step) / max(rate, 1e-9)
+        self._writer.write_scalars(step, {"steps_per_sec": rate})
+        log.info("step %d/%d: %.2f steps/s, ETA %s", step, self._total, rate,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400
+                 else f"{eta / 86400:.1f} days")
+        self._last_step, self._last_time = step, now

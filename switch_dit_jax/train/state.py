@@ -1,0 +1,69 @@
+"""TrainState and its sharded creation from logical axis names."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from switch_dit_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    model_state: Any         # non-gradient collections (e.g. DiffMoE thresholds), may be {}
+    ema_model_state: Any     # their EMA, used with ema_params for sampling
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+    lr, warmup = train_config.learning_rate, train_config.warmup_steps
+    if warmup > 0:
+        return optax.linear_schedule(0.0, lr, warmup)  # stays at lr after warm-up
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """AdamW (DiT: lr 1e-4, wd 0, betas 0.9/0.999) with optional global-norm clipping."""
+    adamw = optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1,
+                        b2=train_config.b2, eps=train_config.eps,
+                        weight_decay=train_config.weight_decay)
+    if train_config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw)
+    return adamw
+
+
+def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """The initial state with parameters still boxed by their logical axis names."""
+    s, c = model.input_size, model.in_channels
+    variables = model.init(key, jnp.zeros((1, s, s, c)), jnp.zeros((1,)),
+                           jnp.zeros((1,), jnp.int32))
+    params = variables.pop("params")
+    model_state = dict(variables)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, model_state=model_state, ema_model_state=model_state)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh):
+    """(abstract unboxed TrainState, its NamedShardings) without allocating anything."""
+    boxed = jax.eval_shape(lambda k: _boxed_state(model, tx, k), jax.random.PRNGKey(0))
+    return nn.unbox(boxed), parallel.logical_shardings(boxed, mesh)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+    """Initialise the state directly into its shardings (no full copy on one device)."""
+    _, shardings = state_shardings(model, tx, mesh)
+    init = jax.jit(lambda k: nn.unbox(_boxed_state(model, tx, k)), out_shardings=shardings)
+    return init(key)
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,77 @@
+"""2 processes on localhost (jax.distributed, gloo): training, checkpoints, agreement."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+
+from switch_dit_jax import parallel
+from switch_dit_jax.models import build_model
+from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
+from switch_dit_jax.train.step import make_diffusion, make_train_step
+
+import test_train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child_env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=HERE + os.pathsep + test_train.ROOT)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device per process
+    return env
+
+
+def run_pair(args_of, timeout=400):
+    procs = [subprocess.Popen(args_of(pid), cwd=test_train.ROOT, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    port = portpicker.pick_unused_port()
+    out = str(tmp_path / "two.npz")
+    run_pair(lambda pid: [sys.executable, os.path.join(HERE, "multiprocess_child.py"), str(port),
+                          str(pid), str(tmp_path / "ckpt"), out])
+
+    config = test_train.tiny_config()
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:2])
+    _, shardings = state_shardings(model, tx, mesh)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    step_fn = jax.jit(make_train_step(model, make_diffusion(config), tx, config),
+                      in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                    parallel.replicated(mesh)),
+                      out_shardings=(shardings, parallel.replicated(mesh)))
+    losses = []
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            state, metrics = step_fn(state, test_train.fixed_batch(), jax.random.PRNGKey(1))
+            losses.append(float(metrics["loss"]))
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["losses"], losses, rtol=1e-6)
+        for i, leaf in enumerate(jax.tree.leaves(jax.device_get(state.params))):
+            np.testing.assert_allclose(f[str(i)], leaf, rtol=1e-5, atol=1e-7)
+
+
+def test_main_on_two_processes_saves_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+
+    def main_cmd(steps, port):
+        return lambda pid: [sys.executable, "-m", "switch_dit_jax.main",
+                            f"--config={test_train.QUICKSTART}", f"--workdir={workdir}",
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                            f"--process_id={pid}"] + test_train.cli_overrides(
+                                **{"train.num_steps": steps})
+
+    run_pair(main_cmd(3, portpicker.pick_unused_port()))
+    outs = run_pair(main_cmd(6, portpicker.pick_unused_port()))
+    assert "resumed from the checkpoint of step 3" in outs[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert sorted(test_train.metrics_by_step(workdir)) == [1, 2, 3, 4, 5, 6]
