@@ -321,3 +321,16 @@ def test_read_only_checkpointer(tmp_path):
         assert_bitwise_equal(ck.restore(abstract, replicated(), None), make_state(1))
         with pytest.raises(ValueError, match="read-only"):
             ck.save(2, make_state(2), iter(make_loader()))
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """Users type --workdir=runs/x; Orbax itself only accepts absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    config = make_config()
+    state = make_state()
+    it = iter(make_loader())
+    with Checkpointer("runs/relative", config, max_to_keep=2, async_save=True) as ckpt:
+        assert ckpt.save(3, state, it, force=True)
+        ckpt.wait()
+        assert ckpt.latest_step() == 3
+    assert (tmp_path / "runs" / "relative" / "checkpoints" / "3").is_dir()

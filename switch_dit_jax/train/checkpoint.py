@@ -9,6 +9,7 @@ is ignored when listing steps and deleted by the next run's first save.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import signal
 import threading
@@ -96,7 +97,8 @@ class Checkpointer:
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer "
                              "(config.train.keep_checkpoints).")
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # Orbax refuses relative paths; --workdir=runs/x is what users type.
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
         self.config = config
         every = config.train.get("checkpoint_every") or 0
         self._every = int(every) if every > 0 else 0
@@ -157,6 +159,8 @@ class Checkpointer:
         if self._read_only:
             raise ValueError(f"this Checkpointer for {self.directory} is read-only; open it with "
                              "read_only=False to save.")
+        # A background save that failed must stop the run here, not at the very end.
+        self._manager.check_for_errors()
         step = int(step)
         due = (self._every and step % self._every == 0) or step == self._last_step
         if not (force or due):
