@@ -71,9 +71,9 @@ def main(argv):
     config = FLAGS.config
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
-    tx = make_optimizer(config.train)
-    _, shardings = state_shardings(model, tx, mesh)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    tx = make_optimizer(config.train, config.loss)
+    _, shardings = state_shardings(model, tx, mesh, config.loss)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)
     b, s, c = config.train.global_batch_size, model.input_size, model.in_channels
     rng = np.random.default_rng(0)
     batch = jax.device_put({"image": rng.standard_normal((b, s, s, c), np.float32),

@@ -21,7 +21,7 @@ def get_config():
     config.data.hflip = False          # mirrored digits are other glyphs (2, 3, 7 ...)
 
     config.train.global_batch_size = 128
-    config.train.num_steps = 2000
+    config.train.num_steps = 3000
     config.train.learning_rate = 1e-3  # a small model on a tiny dataset trains faster
     config.train.warmup_steps = 100
     config.train.ema_decay = 0.999     # 0.9999 averages over more steps than the run has

@@ -26,11 +26,32 @@ def get_base_config() -> ConfigDict:
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
     c.model.attention_impl = None     # None (XLA picks) | "xla" | "cudnn"
     c.model.remat = False             # recompute blocks in the backward pass to save memory
+    c.model.routing = ConfigDict()    # task routing (DTR / R-TR / Switch-DiT)
+    c.model.routing.kind = "none"     # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT)
+    c.model.routing.num_tasks = 1000  # T: one task per training timestep
+    c.model.routing.alpha = 4.0       # DTR window shift exponent (and Switch-DiT's prior map)
+    c.model.routing.beta = 0.8        # DTR / R-TR activated channel fraction
+    c.model.routing.seed = 0          # R-TR channel draw / random allocation seed
+    c.model.routing.num_experts = 3   # Switch-DiT M experts per block
+    c.model.routing.top_k = 2         # Switch-DiT k active experts
+    c.model.routing.integration = "mask_skip_init"  # direct | mask | mask_skip | mask_skip_init
+    c.model.routing.noisy_gating = False  # noisy top-k gating (Table 1 ablation)
+    c.model.routing.allocation = "learned"  # "learned" | "random" (Table 5 ablation)
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" = DDPM/IDDPM
     c.diffusion.schedule = "linear"     # beta schedule: "linear" (DiT) | "cosine" (IDDPM)
     c.diffusion.num_timesteps = 1000    # T of the training process
+
+    c.loss = ConfigDict()
+    c.loss.weighting = "constant"     # eps-MSE weights: "constant" | "min_snr" | "p2" | "ant_uw"
+    c.loss.min_snr_gamma = 5.0        # Min-SNR-γ
+    c.loss.p2_gamma = 1.0             # P2 γ
+    c.loss.p2_k = 1.0                 # P2 k
+    c.loss.uw_clusters = 8            # ANT-UW timestep clusters
+    c.loss.uw_learning_rate = 0.025   # ANT-UW log-variance learning rate (Adam)
+    c.loss.prior_weight = 1.0         # λ_dp of the Switch-DiT diffusion prior loss (0 = off)
+    c.loss.load_balance_weight = 0.0  # weight of the Switch-DiT load-balancing loss (0 = off)
 
     c.data = ConfigDict()
     c.data.name = "latents"        # "digits" | "latents" (ArrayRecord) | "tfds"
@@ -42,6 +63,14 @@ def get_base_config() -> ConfigDict:
     c.data.latent_scale = 0.18215  # SD VAE latent scaling
     c.data.num_workers = 0         # grain worker processes (0 = in the training process)
     c.data.seed = 0                # shuffle and augmentation seed
+
+    c.vae = ConfigDict()              # decodes latent samples (data.name == "latents") to images
+    c.vae.weights = ""                # its diffusion_pytorch_model.safetensors ("" = keep latents)
+    c.vae.block_out_channels = (128, 256, 512, 512)  # VAE widths per resolution (SD 1.x VAE)
+    c.vae.layers_per_block = 2        # resnets per encoder block; decoder blocks have one more
+    c.vae.norm_num_groups = 32        # GroupNorm groups (must divide every width)
+    c.vae.latent_channels = 4         # latent channels (= model.in_channels)
+    c.vae.batch_size = 32             # latents per decoding batch over all devices
 
     c.train = ConfigDict()
     c.train.global_batch_size = 256  # images per step over all devices and hosts

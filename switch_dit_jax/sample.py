@@ -6,6 +6,7 @@ weights of the latest checkpoint in DIR and writes `DIR/samples/samples_<step>.p
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from PIL import Image
 
 from switch_dit_jax import parallel
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion, cfg_model_fn
+from switch_dit_jax.train.state import model_params
 from switch_dit_jax.validation import parse_labels
 
 log = logging.getLogger("switch_dit_jax")
@@ -45,7 +47,7 @@ def make_sample_fn(model: nn.Module, config):
 
     def sample(params, model_state, labels, key):
         def apply_fn(x, t, y):
-            return model.apply({"params": params, **model_state}, x, t, y)
+            return model.apply({"params": model_params(params), **model_state}, x, t, y)
 
         if guided:
             model_fn = cfg_model_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
@@ -116,6 +118,55 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, arr_0=images, arr_1=labels)
     os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=4)
+def _vae_decoder(model, mesh):
+    """One compiled decoder per (VAE, mesh), reused by every in-training sample grid."""
+    data = parallel.batch_sharding(mesh)
+    return jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"),
+                   in_shardings=(parallel.replicated(mesh), data), out_shardings=data)
+
+
+def decode_latents(config, latents: np.ndarray, mesh) -> np.ndarray | None:
+    """Model-space latents [N, h, w, c] -> images [N, 8h, 8w, 3] in about [-1, 1], decoded by
+    the VAE of `config.vae` over every device of `mesh`; None when `config.vae.weights` is empty.
+    """
+    vae_config = config.get("vae")
+    if vae_config is None or not vae_config.get("weights"):
+        log.warning("config.vae.weights is empty, so samples stay latents (no PNG); set "
+                    "--config.vae.weights=/path/diffusion_pytorch_model.safetensors to decode "
+                    "them.")
+        return None
+    from switch_dit_jax import vae as vae_lib  # lazy: only latent runs need the VAE
+    model, params = vae_lib.load_vae_from_config(vae_config)
+    if latents.shape[-1] != model.latent_channels:
+        raise ValueError(f"samples have {latents.shape[-1]} channels but vae.latent_channels="
+                         f"{model.latent_channels}; make model.in_channels and the VAE agree.")
+    data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    fn = _vae_decoder(model, mesh)
+    params = jax.device_put(params, rep)
+    batch = math.ceil(max(1, vae_config.get("batch_size", 32)) / mesh.size) * mesh.size
+    z = np.asarray(latents, np.float32) / np.float32(config.data.latent_scale)
+    out = []
+    with jax.set_mesh(mesh):
+        for i in range(0, len(z), batch):
+            chunk = z[i:i + batch]
+            padded = np.zeros((batch,) + z.shape[1:], np.float32)
+            padded[:len(chunk)] = chunk
+            x = fn(params, jax.device_put(padded, data))
+            out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True))[:len(chunk)])
+    log.info("decoded %d latents to %s images with the VAE %s", len(z), out[0].shape[1:],
+             vae_config.weights)
+    return np.concatenate(out)
+
+
+def save_latents(path: str, latents: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+    """Latent samples as they are (no VAE configured): `arr_0` float32 model-space latents."""
+    if jax.process_index() == 0:
+        save_npz(path, np.asarray(latents, np.float32), labels)
+    log.info("wrote latent samples (not images) to %s", path)
+    return {"npz": path}
 
 
 def grid_upscale(image_size: int) -> int:

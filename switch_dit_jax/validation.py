@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from switch_dit_jax import parallel
 from switch_dit_jax.diffusion.gaussian import SCHEDULES
+from switch_dit_jax.diffusion.weighting import WEIGHTINGS
 from switch_dit_jax.models import resolve_model_config
 
 OBJECTIVES = ("gaussian",)
@@ -54,6 +55,24 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
            f"config.diffusion.schedule={d.schedule!r}; use one of {list(SCHEDULES)}.")
     _check(isinstance(d.num_timesteps, int) and d.num_timesteps >= 2,
            f"config.diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2.")
+
+    routing = model["routing"]
+    if routing["kind"] != "none":
+        _check(routing["num_tasks"] == d.num_timesteps,
+               f"config.model.routing.num_tasks={routing['num_tasks']} must equal "
+               f"diffusion.num_timesteps={d.num_timesteps} (one routing task per timestep).")
+
+    loss = config.loss
+    _check(loss.weighting in WEIGHTINGS,
+           f"config.loss.weighting={loss.weighting!r}; use one of {list(WEIGHTINGS)}.")
+    _check(loss.prior_weight >= 0 and loss.load_balance_weight >= 0,
+           "config.loss.prior_weight and config.loss.load_balance_weight must be >= 0.")
+    if loss.weighting == "ant_uw":
+        _positive_int("loss", "uw_clusters", loss.uw_clusters)
+        _check(config.train.global_batch_size % loss.uw_clusters == 0,
+               f"config.train.global_batch_size={config.train.global_batch_size} is not "
+               f"divisible by config.loss.uw_clusters={loss.uw_clusters} (ANT-UW draws the "
+               "same number of timesteps from every cluster).")
 
     data = config.data
     _check(data.name in DATASETS, f"config.data.name={data.name!r}; use one of {list(DATASETS)}.")

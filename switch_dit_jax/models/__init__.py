@@ -4,11 +4,28 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from switch_dit_jax.models.dit import DIT_MODELS, DiT, parse_model_name
+from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+ROUTING_KINDS = ("none", "dtr", "random", "switch")
+# Fields of `config.model.routing` (task routing) and their defaults.
+ROUTING_DEFAULTS = dict(
+    kind="none",                  # "none" | "dtr" (DTR) | "random" (R-TR) | "switch" (Switch-DiT)
+    num_tasks=1000,               # T: one task per training timestep
+    alpha=4.0,                    # DTR window shift exponent (also Switch-DiT's prior map)
+    beta=0.8,                     # DTR / R-TR activated channel fraction
+    seed=0,                       # R-TR channels / random allocation
+    num_experts=3,                # Switch-DiT M
+    top_k=2,                      # Switch-DiT k
+    integration="mask_skip_init",  # "direct" | "mask" | "mask_skip" | "mask_skip_init"
+    noisy_gating=False,           # noisy top-k gating (Table 1 ablation)
+    allocation="learned",         # "learned" | "random" (Table 5: fixed random allocation)
+)
 
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
 MODEL_DEFAULTS = dict(
@@ -26,7 +43,39 @@ MODEL_DEFAULTS = dict(
     compute_dtype="float32",  # "float32" | "bfloat16"; parameters stay float32
     attention_impl=None,      # None (XLA decides) | "xla" | "cudnn"
     remat=False,              # rematerialise each block in the backward pass (saves memory)
+    routing=ROUTING_DEFAULTS,  # task routing, see ROUTING_DEFAULTS
 )
+
+
+def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(ROUTING_DEFAULTS)
+    routing = dict(routing or {})
+    unknown = set(routing) - set(cfg)
+    if unknown:
+        raise ValueError(f"model.routing has unknown field(s) {sorted(unknown)}; known fields: "
+                         f"{sorted(cfg)}.")
+    cfg.update(routing)
+    if cfg["kind"] not in ROUTING_KINDS:
+        raise ValueError(f"model.routing.kind={cfg['kind']!r}; use one of {list(ROUTING_KINDS)}.")
+    if not 0.0 < cfg["beta"] <= 1.0:
+        raise ValueError(f"model.routing.beta={cfg['beta']} must be in (0, 1].")
+    if not isinstance(cfg["num_tasks"], int) or cfg["num_tasks"] < 2:
+        raise ValueError(f"model.routing.num_tasks={cfg['num_tasks']!r} must be an integer >= 2 "
+                         "(= diffusion.num_timesteps).")
+    if not (isinstance(cfg["top_k"], int) and isinstance(cfg["num_experts"], int)
+            and 1 <= cfg["top_k"] <= cfg["num_experts"]):
+        raise ValueError(f"model.routing.top_k={cfg['top_k']!r} must be an integer in [1, "
+                         f"num_experts={cfg['num_experts']!r}].")
+    if cfg["integration"] not in INTEGRATIONS:
+        raise ValueError(f"model.routing.integration={cfg['integration']!r}; use one of "
+                         f"{list(INTEGRATIONS)}.")
+    if cfg["allocation"] not in ALLOCATIONS:
+        raise ValueError(f"model.routing.allocation={cfg['allocation']!r}; use one of "
+                         f"{list(ALLOCATIONS)}.")
+    if cfg["allocation"] == "random" and (cfg["num_experts"], cfg["top_k"]) != (3, 2):
+        raise ValueError("model.routing.allocation='random' is defined for num_experts=3, "
+                         f"top_k=2 (Table 5), not {cfg['num_experts']}, {cfg['top_k']}.")
+    return cfg
 
 
 def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,6 +86,7 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model config has unknown field(s) {sorted(unknown)}; known fields: "
                          f"{sorted(cfg)}.")
     cfg.update({k: v for k, v in dict(model_config).items()})
+    cfg["routing"] = resolve_routing(cfg["routing"])
     sizes = {} if cfg["name"] == "custom" else parse_model_name(cfg["name"])
     for key in ("depth", "hidden_size", "num_heads", "patch_size"):
         if cfg[key] is None:
@@ -79,7 +129,9 @@ def build_model(model_config: Mapping[str, Any]) -> DiT:
         num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
         num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
         learn_sigma=cfg["learn_sigma"], dtype=COMPUTE_DTYPES[cfg["compute_dtype"]],
-        attention_impl=cfg["attention_impl"], remat=cfg["remat"])
+        attention_impl=cfg["attention_impl"], remat=cfg["remat"],
+        routing=FrozenDict(cfg["routing"]))
 
 
-__all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS"]
+__all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS",
+           "ROUTING_DEFAULTS"]

@@ -7,13 +7,16 @@ MLP or any module with the same call signature (the DiffMoE mixtures).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from switch_dit_jax.models import layers
+from switch_dit_jax.models.dtr import dtr_masks, random_masks
+from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
 # (depth, hidden_size, num_heads) of the official sizes.
 DIT_SIZES = {
@@ -38,7 +41,12 @@ def parse_model_name(name: str) -> dict[str, int]:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block; optional task-routing mask; pluggable FFN."""
+    """adaLN-Zero transformer block; optional task-routing mask; pluggable FFN.
+
+    With a mask m, `integration` says how it enters (Switch-DiT Table 1): "mask_skip" (DTR, and
+    Switch-DiT's "mask_skip_init") is (1 - m) ⊙ z + Block(m ⊙ z); "mask" and "mask_init" are
+    Block(m ⊙ z); "direct" is Block(m).
+    """
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
@@ -46,13 +54,16 @@ class DiTBlock(nn.Module):
     attention_impl: str | None = None
     # Builds the FFN: ffn_factory(hidden_features=..., dtype=..., name="mlp") -> module(x).
     ffn_factory: Callable[..., nn.Module] = layers.Mlp
+    integration: str = "mask_skip"
 
     @nn.compact
     def __call__(self, x, c, mask=None):
         """x: [B, S, D] tokens, c: [B, D] conditioning, mask: None or broadcastable to x."""
+        skip = None
         if mask is not None:
-            skip = (1 - mask) * x
-            x = mask * x
+            if self.integration in ("mask_skip", "mask_skip_init"):
+                skip = (1 - mask) * x
+            x = mask if self.integration == "direct" else mask * x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.AdaLNModulation(
             6, self.dtype, name="adaLN_modulation")(c)
         h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
@@ -62,9 +73,7 @@ class DiTBlock(nn.Module):
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
                              dtype=self.dtype, name="mlp")(h)
         x = x + gate_mlp[:, None] * h.astype(jnp.float32)
-        if mask is not None:
-            x = x + skip
-        return x
+        return x if skip is None else x + skip
 
 
 class FinalLayer(nn.Module):
@@ -103,6 +112,12 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
+    # Task routing (DTR / R-TR / Switch-DiT): see models.ROUTING_DEFAULTS for the fields.
+    routing: Mapping[str, Any] | None = None
+
+    @property
+    def routing_kind(self) -> str:
+        return (self.routing or {}).get("kind", "none")
 
     @property
     def out_channels(self) -> int:
@@ -112,12 +127,14 @@ class DiT(nn.Module):
     def grid_size(self) -> int:
         return self.input_size // self.patch_size
 
-    def embed_condition(self, t, y, train: bool):
-        c = layers.TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
-        if self.num_classes > 1:
-            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
-                                         self.class_dropout_prob, name="y_embedder")(y, train)
-        return c
+    def fixed_masks(self) -> np.ndarray | None:
+        """[T, D] routing masks of DTR / R-TR, indexed by the original timestep."""
+        r = self.routing or {}
+        if self.routing_kind == "dtr":
+            return dtr_masks(r["num_tasks"], self.hidden_size, r["alpha"], r["beta"])
+        if self.routing_kind == "random":
+            return random_masks(r["num_tasks"], self.hidden_size, r["beta"], r["seed"])
+        return None
 
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
@@ -135,12 +152,45 @@ class DiT(nn.Module):
             x.astype(self.dtype))
         h = h.astype(jnp.float32) + pos[None]
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
-        c = self.embed_condition(t, y, train)
+
+        r = self.routing or {}
+        t_embedder = layers.TimestepEmbedder(self.hidden_size, dtype=self.dtype,
+                                             name="t_embedder")
+        if self.routing_kind == "none":
+            c = t_embedder(t)
+        else:
+            # Routed models index per-timestep tables by the original (integer) timestep.
+            t = t.astype(jnp.int32)
+            if self.routing_kind == "switch":
+                # Every gate sees all T timesteps each step (the diffusion prior needs them).
+                t_emb_all = t_embedder(jnp.arange(r["num_tasks"]))
+                c = t_emb_all[t]
+            else:
+                c = t_embedder(t)
+        if self.num_classes > 1:
+            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                         self.class_dropout_prob, name="y_embedder")(y, train)
+        masks = self.fixed_masks()
+        fixed_gates = None
+        if self.routing_kind == "switch" and r["allocation"] == "random":
+            fixed_gates = random_allocation_gates(self.depth, r["num_experts"], r["top_k"],
+                                                  r["num_tasks"], r["alpha"], r["seed"])
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
+            mask = None
+            if masks is not None:
+                mask = jnp.asarray(masks)[t][:, None, :]
+            elif self.routing_kind == "switch":
+                mask = SwitchRouter(
+                    r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],
+                    r["allocation"], None if fixed_gates is None else fixed_gates[i],
+                    self.dtype, name=f"routers_{i}")(h, t_emb_all, t, train)
+            integration = r.get("integration", "mask_skip") if self.routing_kind == "switch" \
+                else "mask_skip"
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                          self.attention_impl, name=f"blocks_{i}")(h, c)
+                          self.attention_impl, integration=integration,
+                          name=f"blocks_{i}")(h, c, mask)
             h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)

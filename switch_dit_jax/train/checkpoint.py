@@ -72,6 +72,9 @@ def config_fingerprint(config) -> dict:
         fp[f"train.{key}"] = config.train.get(key)
     # Clipping adds a state entry to the optax chain; its threshold is free to change.
     fp["train.grad_clip_norm>0"] = bool((config.train.get("grad_clip_norm") or 0) > 0)
+    # ANT-UW adds learnable log-variances to the parameters; the other weightings change no state.
+    loss = config.get("loss") or {}
+    fp["loss.weighting==ant_uw"] = loss.get("weighting") == "ant_uw"
     return _jsonable(fp)
 
 

@@ -48,8 +48,13 @@ def write_samples(model, config, state, mesh, shardings, workdir: str, writer=No
     step = int(state.step)
     images, labels = sample.generate(model, config, state.ema_params, state.ema_model_state,
                                      mesh, shardings.ema_params)
+    if config.data.name == "latents":
+        latents, images = images, sample.decode_latents(config, images, mesh)
+        if images is None:  # no VAE configured: keep the latents, there is no image to show
+            return sample.save_latents(os.path.join(workdir, "samples", f"latents_{step:08d}.npz"),
+                                       latents, labels)
     images = sample.to_uint8(images)
-    grid = sample.image_grid(images, upscale=sample.grid_upscale(model.input_size))
+    grid = sample.image_grid(images, upscale=sample.grid_upscale(images.shape[1]))
     paths = {ext: os.path.join(workdir, "samples", f"samples_{step:08d}.{ext}")
              for ext in ("png", "npz")}
     if jax.process_index() == 0:
@@ -65,12 +70,12 @@ def train_and_evaluate(config, workdir: str) -> None:
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
     diffusion = make_diffusion(config)
-    tx = make_optimizer(config.train)
+    tx = make_optimizer(config.train, config.loss)
     loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
                                         jax.process_index(), jax.process_count())
     _check_data_matches_model(loader.source, model)
 
-    abstract, shardings = state_shardings(model, tx, mesh)
+    abstract, shardings = state_shardings(model, tx, mesh, config.loss)
     checkpointer = ckpt_lib.Checkpointer(workdir, config,
                                          max_to_keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpointing)
@@ -80,7 +85,7 @@ def train_and_evaluate(config, workdir: str) -> None:
         state = checkpointer.restore(abstract, shardings, data_iter)
         log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
     else:
-        state = create_train_state(model, tx, init_key, mesh)
+        state = create_train_state(model, tx, init_key, mesh, config.loss)
     if jax.process_index() == 0:
         log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
         log.info("trainable parameters: %s", f"{count_params(state.params):,}")
@@ -128,7 +133,8 @@ def sample_from_workdir(config, workdir: str) -> dict[str, str]:
     validate_config(config, jax.device_count(), jax.process_count())
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
-    abstract, shardings = state_shardings(model, make_optimizer(config.train), mesh)
+    abstract, shardings = state_shardings(model, make_optimizer(config.train, config.loss), mesh,
+                                          config.loss)
     checkpointer = ckpt_lib.Checkpointer(workdir, config, max_to_keep=config.train.keep_checkpoints,
                                          async_save=False, read_only=True)
     if checkpointer.latest_step() is None:

@@ -1,4 +1,7 @@
-"""Loss assembly and the pure train step: (state, batch, key) -> (state, metrics)."""
+"""Loss assembly and the pure train step: (state, batch, key) -> (state, metrics).
+
+L = mean_b(w(t_b)·mse_b + vb_b)  (or the ANT-UW form)  + λ_dp·L_dp + λ_lb·L_balance
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from switch_dit_jax.diffusion import weighting
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
-from switch_dit_jax.train.state import TrainState, learning_rate_schedule
+from switch_dit_jax.models import switch
+from switch_dit_jax.train.state import (UW_PARAMS, TrainState, learning_rate_schedule,
+                                        model_params)
 
 
 def make_diffusion(config, timestep_respacing: str = "") -> GaussianDiffusion:
@@ -23,6 +29,38 @@ def ema_update(ema, new, decay: float):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, new)
 
 
+def routers_aux(aux: dict, depth: int, name: str) -> jax.Array | None:
+    """Stack one sown routing output over the blocks: [N, ...] (None without routers)."""
+    values = [aux.get(f"routers_{i}", {}).get(name) for i in range(depth)]
+    if any(v is None for v in values):
+        return None
+    return jnp.stack([v[0] for v in values])
+
+
+def routing_losses(model: nn.Module, aux: dict, t: jax.Array, key: jax.Array,
+                   loss_config) -> dict[str, jax.Array]:
+    """Switch-DiT's auxiliary losses and routing statistics from the sown aux collection."""
+    out = {}
+    r = model.routing or {}
+    gates = routers_aux(aux, model.depth, "batch_gates")  # [N, B, M]
+    if gates is None:
+        return out
+    usage = jnp.mean((gates > 0).astype(jnp.float32), axis=1)  # [N, M]
+    for i in range(model.depth):
+        for j in range(usage.shape[1]):
+            out[f"routing/usage_block{i:02d}_expert{j}"] = usage[i, j]
+    gate_probs = routers_aux(aux, model.depth, "gate_probs")  # [N, T, M]
+    if gate_probs is not None and loss_config.prior_weight > 0:
+        w_prior = switch.prior_activation_map(model.depth, r["num_experts"], r["top_k"],
+                                              r["num_tasks"], r["alpha"])
+        out["prior_loss"] = switch.diffusion_prior_loss(
+            jnp.swapaxes(gate_probs, 0, 1), t, jnp.asarray(w_prior), r["top_k"], key)
+    probs = routers_aux(aux, model.depth, "batch_probs")  # [N, B, M]
+    if probs is not None and loss_config.load_balance_weight > 0:
+        out["load_balance_loss"] = jnp.mean(jax.vmap(switch.load_balancing_loss)(probs, gates))
+    return out
+
+
 def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                     tx: optax.GradientTransformation, config) -> Callable:
     """The train step for `model` under `diffusion`; jit it with the state's shardings.
@@ -32,20 +70,48 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     """
     lr_fn = learning_rate_schedule(config.train)
     decay = float(config.train.ema_decay)
+    loss_cfg = config.loss
+    T = diffusion.num_timesteps
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
-        k_t, k_noise, k_drop = jax.random.split(key, 3)
+        k_t, k_noise, k_drop, k_gate, k_prior = jax.random.split(key, 5)
         x, y = batch["image"], batch["label"]
-        t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
+        if loss_cfg.weighting == "ant_uw":
+            t = weighting.stratified_timesteps(k_t, x.shape[0], T, loss_cfg.uw_clusters)
+        else:
+            t = jax.random.randint(k_t, (x.shape[0],), 0, T)
         noise = jax.random.normal(k_noise, x.shape, x.dtype)
+        w = weighting.mse_weights(loss_cfg.weighting, diffusion.alphas_cumprod, t,
+                                  min_snr_gamma=loss_cfg.min_snr_gamma,
+                                  p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
 
         def loss_fn(params):
+            sown = {}
+
             def model_fn(x_t, t_model):
-                return model.apply({"params": params, **state.model_state}, x_t, t_model, y,
-                                   train=True, rngs={"dropout": k_drop})
+                out, mutated = model.apply(
+                    {"params": model_params(params), **state.model_state}, x_t, t_model, y,
+                    train=True, rngs={"dropout": k_drop, "gating": k_gate}, mutable=["aux"])
+                sown.update(mutated.get("aux", {}))
+                return out
+
             terms = diffusion.training_losses(model_fn, x, t, noise)
-            return terms["loss"].mean(), {k: v.mean() for k, v in terms.items()}
+            per_sample = w * terms["mse"] + terms["vb"]
+            if UW_PARAMS in params:
+                diffusion_loss = weighting.uncertainty_weighted_loss(
+                    per_sample, params[UW_PARAMS]["log_var"])
+            else:
+                diffusion_loss = per_sample.mean()
+            extra = routing_losses(model, sown, diffusion.model_timesteps(t), k_prior, loss_cfg)
+            loss = diffusion_loss
+            if "prior_loss" in extra:
+                loss = loss + loss_cfg.prior_weight * extra["prior_loss"]
+            if "load_balance_loss" in extra:
+                loss = loss + loss_cfg.load_balance_weight * extra["load_balance_loss"]
+            metrics = {k: v.mean() for k, v in terms.items()}
+            metrics.update(extra, loss=loss, diffusion_loss=diffusion_loss)
+            return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -56,6 +122,9 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
             ema_model_state=ema_update(state.ema_model_state, state.model_state, decay))
         metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                        learning_rate=lr_fn(state.step))
+        if UW_PARAMS in params:
+            for k in range(loss_cfg.uw_clusters):
+                metrics[f"ant_uw/log_var{k}"] = params[UW_PARAMS]["log_var"][k]
         return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
     return train_step

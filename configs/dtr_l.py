@@ -1,0 +1,20 @@
+"""DiT-L/2 + DTR (denoising task routing: fixed per-timestep sliding-window channel masks,
+alpha=4, beta=0.8, in every block) on ImageNet 256x256 SD latents, class-conditional
+(DTR paper Table 1 / Switch-DiT's DTR rows).
+
+The papers' text trains with the cosine schedule (the official example script uses linear:
+--config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
+FFHQ latent directory. R-TR (random routing): --config.model.routing.kind=random.
+"""
+from switch_dit_jax.config_base import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.model.name = "DiT-L/2"
+    config.model.routing.kind = "dtr"
+    config.model.routing.alpha = 4.0
+    config.model.routing.beta = 0.8
+    config.diffusion.schedule = "cosine"
+    config.data.name = "latents"
+    return config

@@ -1,0 +1,22 @@
+"""Switch-DiT-L (DiT-L/2 with a timestep-gated SMoE per block, M=3 experts, top-k=2,
+mask+skip+one-vector-init integration, diffusion prior loss lambda_dp=1) on ImageNet 256x256
+SD latents, class-conditional (Switch-DiT paper Table 2 / Fig. 5).
+
+The paper's text trains with the cosine schedule (the official example script uses linear:
+--config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
+FFHQ latent directory. Ablations: configs/switchdit_table1.py, switchdit_table5.py.
+"""
+from switch_dit_jax.config_base import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.model.name = "DiT-L/2"
+    config.model.routing.kind = "switch"
+    config.model.routing.num_experts = 3
+    config.model.routing.top_k = 2
+    config.model.routing.integration = "mask_skip_init"
+    config.loss.prior_weight = 1.0
+    config.diffusion.schedule = "cosine"
+    config.data.name = "latents"
+    return config

@@ -1,0 +1,188 @@
+"""Switch-DiT (Park et al. 2024): a timestep-gated sparse MoE per block and the diffusion prior.
+
+Per block i, the gate sees only the timestep embedding: p_i(e_t) = softmax(Linear(SiLU(e_t)))
+over M experts (Eq. 5); the top-k gates keep their raw softmax values (Eq. 4; not
+renormalised, as in the official code). Each expert is a linear map D -> D on every token and
+the SMoE output is m(z) = Σ_topk g_j (z W_j + b_j) (Eq. 6), integrated into the block as Table 1
+describes: "direct" (m(z) is the block input), "mask" (z ⊙ m(z)), "mask_skip"
+((1 - m) ⊙ z + Block(m ⊙ z)); the "_init" designs use m = 1 + Σ ... with experts starting at
+zero ("one-vector init"), so "mask_skip_init" (the paper's choice) starts as DiT.
+
+The diffusion prior loss (Eq. 7-11) compares the gates of all T timesteps with a DTR-shaped
+prior map after an optimal column assignment; see `diffusion_prior_loss`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from switch_dit_jax.models import layers
+from switch_dit_jax.models.dtr import dtr_masks
+
+INTEGRATIONS = ("direct", "mask", "mask_skip", "mask_init", "mask_skip_init")
+ALLOCATIONS = ("learned", "random")
+
+
+class SwitchRouter(nn.Module):
+    """One block's gate and mask experts. Returns the mask m(z) [B, S, D] (float32)."""
+    num_experts: int = 3
+    top_k: int = 2
+    integration: str = "mask_skip_init"
+    noisy_gating: bool = False
+    allocation: str = "learned"
+    random_allocation: Any = None  # [T, M] fixed gates for allocation == "random"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, t_emb_all, t, train: bool):
+        """z: [B, S, D] tokens; t_emb_all: [T, D] embeddings of every timestep; t: [B] ints."""
+        m_exp, d = self.num_experts, z.shape[-1]
+        if self.allocation == "random":
+            gates = jnp.asarray(self.random_allocation)[t]
+        else:
+            h = nn.silu(t_emb_all)
+            logits_all = layers.dense(m_exp, ("embed", "switch_experts"), jnp.float32,
+                                      name="gate")(h)
+            self.sow("aux", "gate_probs", jax.nn.softmax(logits_all))  # [T, M], for L_dp
+            logits = logits_all[t]
+            if self.noisy_gating:
+                # Noisy top-k gating (Shazeer et al. 2017): learned, input-dependent noise scale;
+                # the layer exists at init (train=False) so that the parameters are created.
+                noise_scale = jax.nn.softplus(layers.dense(
+                    m_exp, ("embed", "switch_experts"), jnp.float32, layers.zeros,
+                    name="noise")(h))[t]
+                if train:
+                    logits = logits + noise_scale * jax.random.normal(self.make_rng("gating"),
+                                                                      logits.shape)
+            probs = jax.nn.softmax(logits)
+            values, index = jax.lax.top_k(probs, self.top_k)
+            gates = jnp.sum(jax.nn.one_hot(index, m_exp) * values[..., None], axis=1)
+            self.sow("aux", "batch_probs", probs)  # [B, M], for the load-balancing loss
+        self.sow("aux", "batch_gates", gates)
+
+        # Zero experts make m ≡ 1 under the "_init" designs ("one-vector init"); the others
+        # start from xavier-initialised experts, as DiT initialises every Linear.
+        one_vector = self.integration.endswith("_init")
+        init = layers.zeros if one_vector else \
+            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1)
+        kernel = self.param("experts_kernel",
+                            layers.logical(init, ("switch_experts", "embed", "mlp")),
+                            (m_exp, d, d), jnp.float32)
+        bias = self.param("experts_bias", layers.logical(layers.zeros, ("switch_experts", "mlp")),
+                          (m_exp, d), jnp.float32)
+        x = z.astype(self.dtype)
+        # Dense over the M experts (unselected ones have gate 0): the gate is per sample, so a
+        # grouped matmul would only save (M - k)/M of this small layer.
+        out = 0.0
+        for j in range(m_exp):
+            expert = jnp.einsum("bsd,de->bse", x, kernel[j].astype(self.dtype)) + bias[j]
+            out = out + gates[:, j, None, None] * expert.astype(jnp.float32)
+        return 1.0 + out if one_vector else out
+
+
+def prior_activation_map(depth: int, num_experts: int, top_k: int, num_tasks: int = 1000,
+                         alpha: float = 4.0) -> np.ndarray:
+    """w_prior [T, N·M] of Eq. 7: the DTR sliding window with C = N·M units, window k·N."""
+    return dtr_masks(num_tasks, depth * num_experts, alpha=alpha, beta=top_k / num_experts)
+
+
+def random_allocation_gates(depth: int, num_experts: int, top_k: int, num_tasks: int,
+                            alpha: float, seed: int) -> np.ndarray:
+    """Table 5's random allocation, as fixed gates [N, T, M] (value 1/k when active).
+
+    Per block: expert 0 serves every timestep; expert 1 the timesteps where a random one of the
+    first N columns of w_prior is active, expert 2 the complement. Needs M = 3, k = 2.
+    """
+    if (num_experts, top_k) != (3, 2):
+        raise ValueError(f"routing.allocation='random' is defined for num_experts=3, top_k=2 "
+                         f"(Table 5), not {num_experts}, {top_k}.")
+    prior = prior_activation_map(depth, num_experts, top_k, num_tasks, alpha)
+    columns = np.random.default_rng(seed).permutation(depth)
+    gates = np.zeros((depth, num_tasks, num_experts), np.float32)
+    gates[:, :, 0] = 1.0
+    for i, c in enumerate(columns):
+        gates[i, :, 1] = prior[:, c]
+        gates[i, :, 2] = 1.0 - prior[:, c]
+    return gates / top_k
+
+
+def gate_activation_map(gate_probs: jax.Array, top_k: int) -> jax.Array:
+    """[T, N, M] gate probabilities -> w_gate [T, N·M]: 1 where the expert is in the top-k."""
+    _, index = jax.lax.top_k(gate_probs, top_k)
+    active = jnp.sum(jax.nn.one_hot(index, gate_probs.shape[-1]), axis=-2)
+    return active.reshape(gate_probs.shape[0], -1)
+
+
+def matching_cost(w_gate: jax.Array, w_prior: jax.Array) -> jax.Array:
+    """C[i, j] = Σ_t |w_gate[t, i] - w_prior[t, j]| (Eq. 8-9) for binary maps.
+
+    For 0/1 entries |a - b| = a + b - 2ab, so C is two column sums and one matmul; all entries
+    are integers ≤ T, exact in float32.
+    """
+    a, b = w_gate.astype(jnp.float32), w_prior.astype(jnp.float32)
+    return (a.sum(0)[:, None] + b.sum(0)[None, :]
+            - 2.0 * jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST))
+
+
+def _assignment_host(cost: np.ndarray) -> np.ndarray:
+    rows, cols = linear_sum_assignment(np.asarray(cost, np.float64))
+    out = np.empty(len(rows), np.int32)
+    out[rows] = cols
+    return out
+
+
+def optimal_assignment(cost: jax.Array) -> jax.Array:
+    """Column j = out[i] assigned to row i minimising Σ_i cost[i, out[i]] (exact Hungarian).
+
+    Runs scipy's Jonker-Volgenant solver on the host from inside jit (N·M ≤ 84 for DiT-XL: tens
+    of microseconds). Its inputs are replicated, so every host computes the same answer.
+    """
+    n = cost.shape[0]
+    return jax.pure_callback(_assignment_host, jax.ShapeDtypeStruct((n,), jnp.int32), cost,
+                             vmap_method="sequential")
+
+
+def jensen_shannon(p: jax.Array, q: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """JSD(p ‖ q) over the last axis, natural log, eps inside the logs (official form)."""
+    m = 0.5 * (p + q)
+    kl_pm = jnp.sum(p * (jnp.log(p + eps) - jnp.log(m + eps)), axis=-1)
+    kl_qm = jnp.sum(q * (jnp.log(q + eps) - jnp.log(m + eps)), axis=-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def diffusion_prior_loss(gate_probs: jax.Array, t: jax.Array, w_prior: jax.Array, top_k: int,
+                         key: jax.Array) -> jax.Array:
+    """L_dp (Eq. 10) averaged over the batch.
+
+    gate_probs: [T, N, M] full softmax of every block for every timestep; t: [B] timesteps of
+    the batch; w_prior: [T, N·M]. Both maps' columns are first shuffled by fresh permutations
+    (so that ties in the assignment break at random, deterministically given `key`), then the
+    prior's columns are matched to the gate's.
+    """
+    num_tasks, depth, m_exp = gate_probs.shape
+    k_gate, k_prior = jax.random.split(key)
+    perm_gate = jax.random.permutation(k_gate, depth * m_exp)
+    perm_prior = jax.random.permutation(k_prior, depth * m_exp)
+    w_gate = jax.lax.stop_gradient(gate_activation_map(gate_probs, top_k))[:, perm_gate]
+    prior = w_prior[:, perm_prior]
+    match = optimal_assignment(matching_cost(w_gate, prior))
+    p_tot = gate_probs.reshape(num_tasks, -1)[t][:, perm_gate] / depth
+    target = prior[t][:, match]
+    target = target / jnp.sum(target, axis=-1, keepdims=True)
+    return jnp.mean(jensen_shannon(p_tot, target))
+
+
+def load_balancing_loss(batch_probs: jax.Array, batch_gates: jax.Array) -> jax.Array:
+    """Switch-Transformer balance M·Σ_j f_j·P_j for one block (Table 1's L_load ablation).
+
+    f_j: fraction of the batch's top-k slots routed to expert j; P_j: mean probability of j.
+    """
+    m_exp = batch_probs.shape[-1]
+    dispatched = (batch_gates > 0).astype(jnp.float32)
+    f = dispatched.mean(0) / jnp.maximum(dispatched.sum(-1).mean(), 1.0)
+    return m_exp * jnp.sum(f * batch_probs.mean(0))
