@@ -268,3 +268,23 @@ def test_routed_train_step_on_8_devices_matches_1_device(weighting_kind):
         assert np.all(np.abs(log_var) > 0.02) and np.all(np.abs(log_var) <= 3 * 0.025 + 1e-6)
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=5e-5, atol=5e-6)
+
+
+def test_routing_pictures_from_a_switch_model(tmp_path):
+    from PIL import Image
+
+    from switch_dit_jax.analysis import routing as routing_analysis
+
+    model = build_model(dict(TINY, routing=dict(kind="switch", num_tasks=100)))
+    params = init_params(model)
+    paths = routing_analysis.routing_pictures(model, params, str(tmp_path))
+    gate_vs_prior = np.asarray(Image.open(paths["gate_vs_prior"]))
+    assert gate_vs_prior.shape[0] > 100 and gate_vs_prior.std() > 0
+    assert Image.open(paths["denoising_paths"]).size[0] > 4 * 3 * 16
+    probs = routing_analysis.gate_probabilities(model, params)
+    assert probs.shape == (100, 2, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    w_gate, w_prior = routing_analysis.matched_maps(probs, 2, 4.0)
+    assert w_gate.shape == w_prior.shape == (100, 6) and np.all(w_gate.sum(1) == 4)
+    with pytest.raises(ValueError, match="Switch-DiT"):
+        routing_analysis.gate_probabilities(build_model(TINY), init_params(build_model(TINY)))

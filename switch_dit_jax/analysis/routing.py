@@ -79,8 +79,8 @@ def render_denoising_paths(gate_probs: np.ndarray, top_k: int, path: str) -> Non
     shared = on.all(axis=0)
     cell, gap, title = 16, 24, 20
     panel_w = m_exp * cell
-    canvas = Image.new("RGB", (len(steps) * (panel_w + gap) + gap,
-                               depth * cell + title + gap), "white")
+    canvas = Image.new("RGB", (max(len(steps) * (panel_w + gap) + gap, 260),
+                               depth * cell + title + gap + 16), "white")
     draw = ImageDraw.Draw(canvas)
     for s, t in enumerate(steps):
         x0 = gap + s * (panel_w + gap)
@@ -92,6 +92,8 @@ def render_denoising_paths(gate_probs: np.ndarray, top_k: int, path: str) -> Non
                 box = (x0 + j * cell, title + i * cell, x0 + (j + 1) * cell - 2,
                        title + (i + 1) * cell - 2)
                 draw.rectangle(box, fill=color)
+    draw.text((gap, title + depth * cell + 4),
+              "rows: blocks; red: active at all four t; yellow: active", fill="black")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     canvas.save(path)
 
