@@ -37,6 +37,16 @@ def get_base_config() -> ConfigDict:
     c.model.routing.integration = "mask_skip_init"  # direct | mask | mask_skip | mask_skip_init
     c.model.routing.noisy_gating = False  # noisy top-k gating (Table 1 ablation)
     c.model.routing.allocation = "learned"  # "learned" | "random" (Table 5 ablation)
+    c.model.ffn = ConfigDict()        # feed-forward networks (dense, or DiffMoE-paper mixtures)
+    c.model.ffn.kind = "mlp"          # "mlp" | "diffmoe" | "token_choice" | "expert_choice"
+    c.model.ffn.num_experts = 16      # E experts per mixture layer
+    c.model.ffn.every = 2             # a mixture in every 2nd block ...
+    c.model.ffn.first = 1             # ... from block 1: the odd blocks, as DiffMoE
+    c.model.ffn.capacity = 1.0        # C_train (DiffMoE, EC-DiT)
+    c.model.ffn.top_k = 1             # TC-DiT experts per token
+    c.model.ffn.threshold_decay = 0.95  # DiffMoE threshold EMA
+    c.model.ffn.inference = "dynamic"  # DiffMoE: "dynamic" (learned thresholds) | "interval"
+    c.model.ffn.interval_threshold = 0.5  # γ of the interval search
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" = DDPM/IDDPM
@@ -51,7 +61,8 @@ def get_base_config() -> ConfigDict:
     c.loss.uw_clusters = 8            # ANT-UW timestep clusters
     c.loss.uw_learning_rate = 0.025   # ANT-UW log-variance learning rate (Adam)
     c.loss.prior_weight = 1.0         # λ_dp of the Switch-DiT diffusion prior loss (0 = off)
-    c.loss.load_balance_weight = 0.0  # weight of the Switch-DiT load-balancing loss (0 = off)
+    c.loss.load_balance_weight = 0.0  # Switch-DiT / TC-DiT load-balancing loss weight (0 = off)
+    c.loss.capacity_weight = 1.0      # λ_cp of the DiffMoE capacity-predictor BCE
 
     c.data = ConfigDict()
     c.data.name = "latents"        # "digits" | "latents" (ArrayRecord) | "tfds"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from switch_dit_jax.models.dit import DIT_MODELS, DiT, parse_model_name
+from switch_dit_jax.models.moe import MOE_KINDS
 from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,6 +28,19 @@ ROUTING_DEFAULTS = dict(
     allocation="learned",         # "learned" | "random" (Table 5: fixed random allocation)
 )
 
+# Fields of `config.model.ffn` (dense MLP or a DiffMoE-paper mixture) and their defaults.
+FFN_DEFAULTS = dict(
+    kind="mlp",               # "mlp" | "diffmoe" | "token_choice" (TC-DiT) | "expert_choice" (EC-DiT)
+    num_experts=16,           # E
+    every=2,                  # a mixture in every `every`-th block ...
+    first=1,                  # ... starting at this block (1 = the odd blocks, as DiffMoE)
+    capacity=1.0,             # C_train (DiffMoE, EC-DiT)
+    top_k=1,                  # TC-DiT experts per token
+    threshold_decay=0.95,     # DiffMoE threshold EMA
+    inference="dynamic",      # DiffMoE inference: "dynamic" (learned τ) | "interval" (constant γ)
+    interval_threshold=0.5,   # γ of the interval search
+)
+
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
 MODEL_DEFAULTS = dict(
     name="DiT-XL/2",          # "DiT-{S,B,L,XL}/{2,4,8}", or "custom" with the four fields below
@@ -44,7 +58,32 @@ MODEL_DEFAULTS = dict(
     attention_impl=None,      # None (XLA decides) | "xla" | "cudnn"
     remat=False,              # rematerialise each block in the backward pass (saves memory)
     routing=ROUTING_DEFAULTS,  # task routing, see ROUTING_DEFAULTS
+    ffn=FFN_DEFAULTS,         # feed-forward networks, see FFN_DEFAULTS
 )
+
+
+def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(FFN_DEFAULTS)
+    ffn = dict(ffn or {})
+    unknown = set(ffn) - set(cfg)
+    if unknown:
+        raise ValueError(f"model.ffn has unknown field(s) {sorted(unknown)}; known fields: "
+                         f"{sorted(cfg)}.")
+    cfg.update(ffn)
+    if cfg["kind"] not in MOE_KINDS:
+        raise ValueError(f"model.ffn.kind={cfg['kind']!r}; use one of {list(MOE_KINDS)}.")
+    for key in ("num_experts", "every", "top_k"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"model.ffn.{key}={cfg[key]!r} must be a positive integer.")
+    if cfg["top_k"] > cfg["num_experts"]:
+        raise ValueError(f"model.ffn.top_k={cfg['top_k']} exceeds model.ffn.num_experts="
+                         f"{cfg['num_experts']}.")
+    if not cfg["capacity"] > 0:
+        raise ValueError(f"model.ffn.capacity={cfg['capacity']} must be > 0.")
+    if cfg["inference"] not in ("dynamic", "interval"):
+        raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic' or "
+                         "'interval'.")
+    return cfg
 
 
 def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -87,6 +126,7 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
                          f"{sorted(cfg)}.")
     cfg.update({k: v for k, v in dict(model_config).items()})
     cfg["routing"] = resolve_routing(cfg["routing"])
+    cfg["ffn"] = resolve_ffn(cfg["ffn"])
     sizes = {} if cfg["name"] == "custom" else parse_model_name(cfg["name"])
     for key in ("depth", "hidden_size", "num_heads", "patch_size"):
         if cfg[key] is None:
@@ -130,8 +170,8 @@ def build_model(model_config: Mapping[str, Any]) -> DiT:
         num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
         learn_sigma=cfg["learn_sigma"], dtype=COMPUTE_DTYPES[cfg["compute_dtype"]],
         attention_impl=cfg["attention_impl"], remat=cfg["remat"],
-        routing=FrozenDict(cfg["routing"]))
+        routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]))
 
 
 __all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS",
-           "ROUTING_DEFAULTS"]
+           "ROUTING_DEFAULTS", "FFN_DEFAULTS"]

@@ -6,6 +6,7 @@ MLP or any module with the same call signature (the DiffMoE mixtures).
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Mapping
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switch_dit_jax.models import layers
+from switch_dit_jax.models import moe
 from switch_dit_jax.models.dtr import dtr_masks, random_masks
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
@@ -57,7 +59,7 @@ class DiTBlock(nn.Module):
     integration: str = "mask_skip"
 
     @nn.compact
-    def __call__(self, x, c, mask=None):
+    def __call__(self, x, c, mask=None, train: bool = False):
         """x: [B, S, D] tokens, c: [B, D] conditioning, mask: None or broadcastable to x."""
         skip = None
         if mask is not None:
@@ -71,7 +73,7 @@ class DiTBlock(nn.Module):
         x = x + gate_msa[:, None] * h.astype(jnp.float32)
         h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
-                             dtype=self.dtype, name="mlp")(h)
+                             dtype=self.dtype, name="mlp")(h, train)
         x = x + gate_mlp[:, None] * h.astype(jnp.float32)
         return x if skip is None else x + skip
 
@@ -114,6 +116,23 @@ class DiT(nn.Module):
     remat: bool = False
     # Task routing (DTR / R-TR / Switch-DiT): see models.ROUTING_DEFAULTS for the fields.
     routing: Mapping[str, Any] | None = None
+    # Feed-forward networks (dense MLP or a mixture): see models.FFN_DEFAULTS for the fields.
+    ffn: Mapping[str, Any] | None = None
+
+    def ffn_factory(self, block: int) -> Callable[..., nn.Module]:
+        """The FFN of block `block`: a mixture in every `every`-th block from `first`."""
+        f = self.ffn or {}
+        kind = f.get("kind", "mlp")
+        if kind == "mlp" or block < f["first"] or (block - f["first"]) % f["every"]:
+            return layers.Mlp
+        if kind == "diffmoe":
+            return functools.partial(moe.DiffMoE, f["num_experts"], capacity=f["capacity"],
+                                     threshold_decay=f["threshold_decay"],
+                                     inference=f["inference"],
+                                     interval_threshold=f["interval_threshold"])
+        if kind == "token_choice":
+            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"])
+        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"])
 
     @property
     def routing_kind(self) -> str:
@@ -176,7 +195,8 @@ class DiT(nn.Module):
             fixed_gates = random_allocation_gates(self.depth, r["num_experts"], r["top_k"],
                                                   r["num_tasks"], r["alpha"], r["seed"])
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        # `train` (argument 4, counting self) is a Python bool: static under remat.
+        block_cls = nn.remat(DiTBlock, static_argnums=(4,)) if self.remat else DiTBlock
         for i in range(self.depth):
             mask = None
             if masks is not None:
@@ -189,8 +209,8 @@ class DiT(nn.Module):
             integration = r.get("integration", "mask_skip") if self.routing_kind == "switch" \
                 else "mask_skip"
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                          self.attention_impl, integration=integration,
-                          name=f"blocks_{i}")(h, c, mask)
+                          self.attention_impl, ffn_factory=self.ffn_factory(i),
+                          integration=integration, name=f"blocks_{i}")(h, c, mask, train)
             h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)

@@ -157,7 +157,8 @@ class Mlp(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
+        del train  # the FFN call signature of the mixtures, which behave differently in training
         d = x.shape[-1]
         h = dense(self.hidden_features, ("embed", "mlp"), self.dtype, name="fc1")(
             x.astype(self.dtype))

@@ -1,6 +1,7 @@
 """Loss assembly and the pure train step: (state, batch, key) -> (state, metrics).
 
 L = mean_b(w(t_b)·mse_b + vb_b)  (or the ANT-UW form)  + λ_dp·L_dp + λ_lb·L_balance
+    + λ_cp·L_capacity
 """
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def routing_losses(model: nn.Module, aux: dict, t: jax.Array, key: jax.Array,
     return out
 
 
+def mixture_losses(aux: dict, depth: int) -> dict[str, jax.Array]:
+    """DiffMoE's capacity-predictor BCE (summed over MoE layers, official), TC-DiT's balance
+    loss E·Σ_e P_e f_e (mean over layers) and the training capacity C (Eq. 9)."""
+    bce, balance, capacity = [], [], []
+    for i in range(depth):
+        sown = aux.get(f"blocks_{i}", {}).get("mlp", {})
+        if "capacity_logits" in sown:
+            logits, target = sown["capacity_logits"][0], sown["dispatch"][0]
+            bce.append(optax.sigmoid_binary_cross_entropy(logits, target).mean())
+        if "balance_probs" in sown:
+            p, f = sown["balance_probs"][0], sown["balance_fraction"][0]
+            balance.append(p.shape[0] * jnp.sum(p * f))
+        if "capacity" in sown:
+            capacity.append(sown["capacity"][0].mean())
+    out = {}
+    if bce:
+        out["capacity_loss"] = jnp.sum(jnp.stack(bce))
+    if balance:
+        out["load_balance_loss"] = jnp.mean(jnp.stack(balance))
+    if capacity:
+        out["capacity"] = jnp.mean(jnp.stack(capacity))
+    return out
+
+
 def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                     tx: optax.GradientTransformation, config) -> Callable:
     """The train step for `model` under `diffusion`; jit it with the state's shardings.
@@ -87,13 +112,15 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                                   p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
 
         def loss_fn(params):
-            sown = {}
+            sown, new_model_state = {}, {}
 
             def model_fn(x_t, t_model):
                 out, mutated = model.apply(
                     {"params": model_params(params), **state.model_state}, x_t, t_model, y,
-                    train=True, rngs={"dropout": k_drop, "gating": k_gate}, mutable=["aux"])
-                sown.update(mutated.get("aux", {}))
+                    train=True, rngs={"dropout": k_drop, "gating": k_gate},
+                    mutable=["aux", *state.model_state])
+                sown.update(mutated.pop("aux", {}))
+                new_model_state.update(mutated)  # e.g. DiffMoE thresholds
                 return out
 
             terms = diffusion.training_losses(model_fn, x, t, noise)
@@ -104,22 +131,26 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
             else:
                 diffusion_loss = per_sample.mean()
             extra = routing_losses(model, sown, diffusion.model_timesteps(t), k_prior, loss_cfg)
+            extra.update(mixture_losses(sown, model.depth))
             loss = diffusion_loss
             if "prior_loss" in extra:
                 loss = loss + loss_cfg.prior_weight * extra["prior_loss"]
             if "load_balance_loss" in extra:
                 loss = loss + loss_cfg.load_balance_weight * extra["load_balance_loss"]
+            if "capacity_loss" in extra:
+                loss = loss + loss_cfg.capacity_weight * extra["capacity_loss"]
             metrics = {k: v.mean() for k, v in terms.items()}
             metrics.update(extra, loss=loss, diffusion_loss=diffusion_loss)
-            return loss, metrics
+            return loss, (metrics, new_model_state)
 
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+        model_state = {**state.model_state, **model_state}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state,
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
             ema_params=ema_update(state.ema_params, params, decay),
-            ema_model_state=ema_update(state.ema_model_state, state.model_state, decay))
+            ema_model_state=ema_update(state.ema_model_state, model_state, decay))
         metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                        learning_rate=lr_fn(state.step))
         if UW_PARAMS in params:
