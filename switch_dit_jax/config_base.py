@@ -49,7 +49,7 @@ def get_base_config() -> ConfigDict:
     c.model.ffn.interval_threshold = 0.5  # γ of the interval search
 
     c.diffusion = ConfigDict()
-    c.diffusion.objective = "gaussian"  # "gaussian" = DDPM/IDDPM
+    c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)
     c.diffusion.schedule = "linear"     # beta schedule: "linear" (DiT) | "cosine" (IDDPM)
     c.diffusion.num_timesteps = 1000    # T of the training process
 
@@ -103,9 +103,11 @@ def get_base_config() -> ConfigDict:
     c.sample = ConfigDict()
     c.sample.num_samples = 64      # images per sample grid / --mode=sample
     c.sample.batch_size = 64       # images per sampling batch (global, over all devices)
-    c.sample.sampler = "ddpm"      # "ddpm" (ancestral) | "ddim"
+    c.sample.sampler = "ddpm"      # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun" | "dopri5"
     c.sample.num_steps = 250       # respaced sampling steps
     c.sample.eta = 0.0             # DDIM eta
+    c.sample.atol = 1e-6           # dopri5 absolute tolerance (flow)
+    c.sample.rtol = 1e-3           # dopri5 relative tolerance (flow)
     c.sample.cfg_scale = 4.0       # classifier-free guidance scale (1 = none)
     c.sample.labels = ""           # comma-separated class labels ("" = cycle through classes)
     c.sample.clip_denoised = False  # clip predicted x0 to [-1, 1] (True for pixel data)
@@ -119,18 +121,19 @@ def get_base_config() -> ConfigDict:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ConfigDict:
-    """`get_config()` of a config file (as `--config=path` would), with dotted overrides:
+    """`get_config()` of a config file (as `--config=path[:arg]` would), with dotted overrides:
     load_config("configs/quickstart.py", {"train.num_steps": 10})."""
     import importlib.util
     import os
 
+    path, _, arg = path.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist; pass configs/NAME.py.")
     spec = importlib.util.spec_from_file_location(
         "config_" + os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
         node = config

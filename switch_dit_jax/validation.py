@@ -6,9 +6,9 @@ from switch_dit_jax.diffusion.gaussian import SCHEDULES
 from switch_dit_jax.diffusion.weighting import WEIGHTINGS
 from switch_dit_jax.models import resolve_model_config
 
-OBJECTIVES = ("gaussian",)
+OBJECTIVES = ("gaussian", "flow")
 DATASETS = ("digits", "latents", "tfds")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "dopri5")}
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
 
     routing = model["routing"]
     if routing["kind"] != "none":
+        _check(d.objective == "gaussian",
+               f"config.model.routing.kind={routing['kind']!r} routes by discrete timestep and "
+               "needs diffusion.objective='gaussian'.")
         _check(routing["num_tasks"] == d.num_timesteps,
                f"config.model.routing.num_tasks={routing['num_tasks']} must equal "
                f"diffusion.num_timesteps={d.num_timesteps} (one routing task per timestep).")
@@ -67,6 +70,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
            f"config.loss.weighting={loss.weighting!r}; use one of {list(WEIGHTINGS)}.")
     _check(loss.prior_weight >= 0 and loss.load_balance_weight >= 0,
            "config.loss.prior_weight and config.loss.load_balance_weight must be >= 0.")
+    _check(d.objective == "gaussian" or loss.weighting == "constant",
+           f"config.loss.weighting={loss.weighting!r} is defined for the Gaussian objective; "
+           "use 'constant' with diffusion.objective='flow'.")
     if loss.weighting == "ant_uw":
         _positive_int("loss", "uw_clusters", loss.uw_clusters)
         _check(config.train.global_batch_size % loss.uw_clusters == 0,
@@ -103,12 +109,14 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
            f"config.train.grad_clip_norm={t.grad_clip_norm} must be >= 0 (0 = no clipping).")
 
     s = config.sample
-    _check(s.sampler in SAMPLERS, f"config.sample.sampler={s.sampler!r}; use one of "
-                                  f"{list(SAMPLERS)}.")
+    samplers = SAMPLERS[d.objective]
+    _check(s.sampler in samplers, f"config.sample.sampler={s.sampler!r} does not fit "
+                                  f"diffusion.objective={d.objective!r}; use one of "
+                                  f"{list(samplers)}.")
     _positive_int("sample", "num_samples", s.num_samples)
     _positive_int("sample", "batch_size", s.batch_size)
     _positive_int("sample", "num_steps", s.num_steps)
-    _check(s.num_steps <= d.num_timesteps,
+    _check(d.objective == "flow" or s.num_steps <= d.num_timesteps,
            f"config.sample.num_steps={s.num_steps} exceeds diffusion.num_timesteps="
            f"{d.num_timesteps}.")
     _check(s.cfg_scale >= 0, f"config.sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = none).")
@@ -124,6 +132,3 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(t.global_batch_size % process_count == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{process_count} processes; use a multiple of {process_count}.")
-    _check(s.batch_size % num_devices == 0,
-           f"config.sample.batch_size={s.batch_size} is not divisible by the {num_devices} "
-           f"devices; use a multiple of {num_devices}.")

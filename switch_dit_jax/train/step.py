@@ -13,13 +13,17 @@ import jax.numpy as jnp
 import optax
 
 from switch_dit_jax.diffusion import weighting
+from switch_dit_jax.diffusion.flow import RectifiedFlow
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
 from switch_dit_jax.models import switch
 from switch_dit_jax.train.state import (UW_PARAMS, TrainState, learning_rate_schedule,
                                         model_params)
 
 
-def make_diffusion(config, timestep_respacing: str = "") -> GaussianDiffusion:
+def make_diffusion(config, timestep_respacing: str = ""):
+    """The training objective: GaussianDiffusion, or RectifiedFlow for objective='flow'."""
+    if config.diffusion.objective == "flow":
+        return RectifiedFlow()
     return GaussianDiffusion(schedule=config.diffusion.schedule,
                              num_timesteps=config.diffusion.num_timesteps,
                              learn_sigma=config.model.learn_sigma,
@@ -96,20 +100,23 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     lr_fn = learning_rate_schedule(config.train)
     decay = float(config.train.ema_decay)
     loss_cfg = config.loss
-    T = diffusion.num_timesteps
+    is_flow = isinstance(diffusion, RectifiedFlow)
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         k_t, k_noise, k_drop, k_gate, k_prior = jax.random.split(key, 5)
         x, y = batch["image"], batch["label"]
-        if loss_cfg.weighting == "ant_uw":
-            t = weighting.stratified_timesteps(k_t, x.shape[0], T, loss_cfg.uw_clusters)
+        if is_flow:
+            t = diffusion.sample_t(k_t, x.shape[0])
+        elif loss_cfg.weighting == "ant_uw":
+            t = weighting.stratified_timesteps(k_t, x.shape[0], diffusion.num_timesteps,
+                                               loss_cfg.uw_clusters)
         else:
-            t = jax.random.randint(k_t, (x.shape[0],), 0, T)
+            t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
         noise = jax.random.normal(k_noise, x.shape, x.dtype)
-        w = weighting.mse_weights(loss_cfg.weighting, diffusion.alphas_cumprod, t,
-                                  min_snr_gamma=loss_cfg.min_snr_gamma,
-                                  p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
+        w = 1.0 if is_flow else weighting.mse_weights(
+            loss_cfg.weighting, diffusion.alphas_cumprod, t, min_snr_gamma=loss_cfg.min_snr_gamma,
+            p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
 
         def loss_fn(params):
             sown, new_model_state = {}, {}
@@ -130,7 +137,8 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                     per_sample, params[UW_PARAMS]["log_var"])
             else:
                 diffusion_loss = per_sample.mean()
-            extra = routing_losses(model, sown, diffusion.model_timesteps(t), k_prior, loss_cfg)
+            extra = {} if is_flow else routing_losses(
+                model, sown, diffusion.model_timesteps(t), k_prior, loss_cfg)
             extra.update(mixture_losses(sown, model.depth))
             loss = diffusion_loss
             if "prior_loss" in extra:
