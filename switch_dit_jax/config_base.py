@@ -70,7 +70,9 @@ def get_base_config() -> ConfigDict:
     c.data.tfds_name = "imagenet2012"  # tfds dataset name (data.name == "tfds")
     c.data.split = "train"         # tfds split
     c.data.image_size = 256        # tfds: ADM centre crop + resize to this size
-    c.data.hflip = True            # random horizontal flips
+    # Random horizontal flips. Off by default: latents extracted by this package already hold
+    # every image and its mirror (data/extract.py); turn on for raw tfds images.
+    c.data.hflip = False
     c.data.latent_scale = 0.18215  # SD VAE latent scaling
     c.data.num_workers = 0         # grain worker processes (0 = in the training process)
     c.data.seed = 0                # shuffle and augmentation seed

@@ -3,6 +3,8 @@
 `python -m switch_dit_jax.main --mode=sample --config=... --workdir=DIR` samples with the EMA
 weights of the latest checkpoint in DIR and writes `DIR/samples/samples_<step>.png` and
 `DIR/samples/samples_<step>.npz` (`arr_0`: uint8 NHWC images, `arr_1`: int labels).
+Latent models (data.name="latents") have their samples decoded to pixels by the VAE of
+`config.vae`; without `config.vae.weights` only `DIR/samples/latents_<step>.npz` is written.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from switch_dit_jax import parallel
+from switch_dit_jax.diffusion.flow import RectifiedFlow, cfg_velocity_fn
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion, cfg_model_fn
 from switch_dit_jax.train.state import model_params
 from switch_dit_jax.validation import parse_labels
@@ -41,9 +44,11 @@ def class_labels(config, num_classes: int, n: int) -> np.ndarray:
 
 def make_sample_fn(model: nn.Module, config):
     """(params, model_state, labels, key) -> samples [B, H, W, C] in model space."""
-    diffusion = sampling_diffusion(config)
     s = config.sample
     guided = model.num_classes > 1 and s.cfg_scale != 1.0
+    if config.diffusion.objective == "flow":
+        return _flow_sample_fn(model, config, guided)
+    diffusion = sampling_diffusion(config)
 
     def sample(params, model_state, labels, key):
         def apply_fn(x, t, y):
@@ -63,6 +68,26 @@ def make_sample_fn(model: nn.Module, config):
     return sample
 
 
+def _flow_sample_fn(model: nn.Module, config, guided: bool):
+    """Rectified flow: integrate the velocity from noise (t=0) to data (t=1)."""
+    s = config.sample
+    flow = RectifiedFlow()
+
+    def sample(params, model_state, labels, key):
+        def apply_fn(x, t, y):
+            return model.apply({"params": model_params(params), **model_state}, x, t, y)
+
+        if guided:
+            model_fn = cfg_velocity_fn(apply_fn, labels, model.num_classes, s.cfg_scale)
+        else:
+            model_fn = lambda x, t: apply_fn(x, t, labels)  # noqa: E731
+        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+        return flow.sample(model_fn, shape, key, method=s.sampler, num_steps=s.num_steps,
+                           atol=s.atol, rtol=s.rtol)
+
+    return sample
+
+
 def generate(model: nn.Module, config, params, model_state, mesh, param_shardings,
              num_samples: int | None = None, seed: int | None = None):
     """Sample `num_samples` images in batches of config.sample.batch_size over all devices.
@@ -70,7 +95,9 @@ def generate(model: nn.Module, config, params, model_state, mesh, param_sharding
     Returns (samples float32 [N, H, W, C] on every host, labels int32 [N]).
     """
     n = num_samples or config.sample.num_samples
-    batch = config.sample.batch_size
+    # Every device gets the same share: round the batch up to a multiple of the device count
+    # (the extra images are sampled and dropped).
+    batch = -(-config.sample.batch_size // mesh.size) * mesh.size
     seed = config.sample.seed if seed is None else seed
     labels = class_labels(config, model.num_classes, math.ceil(n / batch) * batch)
     data = parallel.batch_sharding(mesh)

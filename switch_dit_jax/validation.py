@@ -122,6 +122,13 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(s.cfg_scale >= 0, f"config.sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = none).")
     parse_labels(s.labels, model["num_classes"])
 
+    if "vae" in config:
+        from switch_dit_jax import vae  # reads only the weights file's header
+        try:
+            vae.check_config(config)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+
     try:
         parallel.mesh_shape(config.mesh, num_devices)
     except ValueError as e:

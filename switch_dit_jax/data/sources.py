@@ -270,6 +270,81 @@ class TfdsSource:
         return f"TfdsSource(name={name!r}, split={split!r}, image_size={size}, num_records={n})"
 
 
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+FOLDER_LABELS = ("auto", "subfolders", "none")
+
+
+def _image_files(root: str) -> list[str]:
+    """Image files under `root`, recursively, in a sorted (hence reproducible) order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    return found
+
+
+class ImageFolder:
+    """Image files of a directory, for latent extraction (ImageNet `train/`, FFHQ, ...).
+
+    labels="subfolders": each subfolder of `image_dir` is a class, labelled by its position in
+    the sorted folder names (ImageNet synsets sort to the standard 0..999 labels); files are
+    found recursively inside. labels="none": every image found recursively is label 0 of one
+    class (unconditional; FFHQ ships in numbered subfolders that are not classes).
+    labels="auto": "subfolders" when image_dir holds folders, "none" when it holds only images.
+    """
+
+    def __init__(self, image_dir: str, labels: str = "auto"):
+        if not image_dir or not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"--image_dir={image_dir!r} is not a directory; pass the "
+                                    "folder holding the images (or their class subfolders).")
+        if labels not in FOLDER_LABELS:
+            raise ValueError(f"--labels={labels!r} is not one of {list(FOLDER_LABELS)}.")
+        entries = sorted(e for e in os.listdir(image_dir) if not e.startswith("."))
+        subdirs = [e for e in entries if os.path.isdir(os.path.join(image_dir, e))]
+        top_images = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
+        if labels == "auto":
+            if subdirs and top_images:
+                raise ValueError(f"--image_dir={image_dir!r} holds both image files and "
+                                 "subfolders; pass --labels=subfolders (classes) or --labels=none "
+                                 "(one class).")
+            labels = "subfolders" if subdirs else "none"
+        if labels == "subfolders":
+            if not subdirs:
+                raise ValueError(f"--image_dir={image_dir!r} has no class subfolders; pass "
+                                 "--labels=none for a flat folder of unlabelled images.")
+            self.class_names = subdirs
+            self.paths, self.labels = [], []
+            for label, name in enumerate(subdirs):
+                files = _image_files(os.path.join(image_dir, name))
+                self.paths.extend(files)
+                self.labels.extend([label] * len(files))
+        else:
+            self.class_names = []
+            self.paths = _image_files(image_dir)
+            self.labels = [0] * len(self.paths)
+        if not self.paths:
+            raise FileNotFoundError(f"--image_dir={image_dir!r} contains no image files "
+                                    f"({', '.join(IMAGE_EXTENSIONS)}).")
+        self.image_dir = image_dir
+        self.labelling = labels
+        self.num_classes = max(len(self.class_names), 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image at `index`; raises (OSError, ...) for an unreadable file."""
+        with Image.open(self.paths[index]) as img:
+            return img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return (f"ImageFolder(image_dir={self.image_dir!r}, labels={self.labelling!r}, "
+                f"num_images={len(self)})")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

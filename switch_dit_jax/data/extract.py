@@ -1,0 +1,397 @@
+"""Latent extraction: images (TFDS or a folder) -> SD-VAE posterior ArrayRecord shards.
+
+    python -m switch_dit_jax.data.extract --source=folder --image_dir=/data/imagenet/train \
+        --vae=/weights/sd-vae-ft-ema/diffusion_pytorch_model.safetensors \
+        --out_dir=/data/imagenet256_latents
+
+Every image gets the ADM centre crop to --image_size and is encoded twice, as itself and as its
+horizontal flip: two records `(mean, std, label)` in the format of `sources.LatentShardWriter`.
+Training samples `mean + std·ε` afresh at every read, so neither the VAE noise nor the flip is
+frozen; train on these shards with `data.hflip=False` (the flips are already in the data).
+
+Shard i holds images [i·shard_size, (i+1)·shard_size); process p of P writes shards p, p+P, ...
+and encodes on its own local devices, so hosts never wait for each other and each resumes on
+its own: a finished shard (renamed from `.tmp` on close) is skipped on restart, a partial one
+is redone. `manifest.json` records the VAE (path, sha256, architecture), crop, sizes, label map
+and, once every shard exists, the record counts.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from switch_dit_jax import vae as vae_lib
+from switch_dit_jax.data.sources import (ImageFolder, LatentShardWriter, TfdsSource,
+                                         center_crop_arr, shard_name)
+
+log = logging.getLogger("switch_dit_jax")
+
+PREFIX = "latents"
+MANIFEST = "manifest.json"
+SOURCES = ("folder", "tfds")
+ON_ERROR = ("fail", "skip")
+CROP = "ADM center_crop_arr: BOX-halve while >= 2x, BICUBIC to short side, centre crop"
+# Settings that decide what the shards contain; a resumed run must repeat them exactly.
+_RESUME_KEYS = ("source", "num_source_images", "vae_sha256", "vae_architecture", "image_size",
+                "shard_size", "num_shards", "label_map")
+
+
+class ImageReadError(RuntimeError):
+    """An image that could not be read or decoded, with --on_error=fail."""
+
+
+class _FolderReader:
+    def __init__(self, image_dir: str, labels: str, image_size: int):
+        self.folder = ImageFolder(image_dir, labels)
+        self.size = image_size
+        self.num_classes = self.folder.num_classes
+        self.label_map = {name: i for i, name in enumerate(self.folder.class_names)}
+        self.description = {"kind": "folder", "image_dir": os.path.abspath(image_dir),
+                            "labels": self.folder.labelling}
+
+    def __len__(self):
+        return len(self.folder)
+
+    def name(self, index: int) -> str:
+        return self.folder.paths[index]
+
+    def load(self, index: int):
+        crop = center_crop_arr(self.folder.load(index), self.size)
+        return crop.astype(np.float32) / 127.5 - 1.0, self.folder.labels[index]
+
+
+class _TfdsReader:
+    def __init__(self, tfds_name: str, data_dir: str | None, split: str, image_size: int):
+        self.source = TfdsSource(tfds_name, data_dir, split, image_size)
+        self.num_classes = self.source.num_classes or 1
+        import tensorflow_datasets as tfds  # lazy: heavy; TfdsSource has checked it is prepared
+        names = getattr(tfds.builder(tfds_name, data_dir=data_dir).info.features["label"],
+                        "names", None) or []
+        self.label_map = {n: i for i, n in enumerate(names)}
+        self.description = {"kind": "tfds", "name": tfds_name, "split": split,
+                            "data_dir": os.path.abspath(data_dir) if data_dir else None}
+        self._tag = f"tfds:{tfds_name}/{split}"
+
+    def __len__(self):
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        return f"{self._tag}[{index}]"
+
+    def load(self, index: int):
+        rec = self.source[index]
+        image = rec["image"]
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        return image[..., :3], int(rec["label"])
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: several hosts may write the same file
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _check_resume(out_dir: str, manifest: dict) -> None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    for key in _RESUME_KEYS:
+        if old.get(key) != manifest[key]:
+            raise ValueError(f"--out_dir={out_dir!r} holds latents made with other settings "
+                             f"({key}: {old.get(key)!r} then, {manifest[key]!r} now); use a new "
+                             "--out_dir or repeat the original settings to resume.")
+
+
+def _count_records(paths: list[str]) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+    total = 0
+    for p in paths:  # one at a time: ImageNet has more shards than the open-file limit
+        reader = ArrayRecordReader(p)
+        total += reader.num_records()
+        reader.close()
+    return total
+
+
+def _loaded_batches(reader, indices, batch_size: int, pool):
+    """Yields (indices, futures) per batch, keeping two batches of reads ahead of the encoder."""
+    pending = collections.deque()
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        pending.append((chunk, [pool.submit(reader.load, i) for i in chunk]))
+        if len(pending) > 2:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_encoder(model, devices: tuple):
+    """The encoder over this process's devices, batch-split; cached so reruns skip compiling."""
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    batch, rep = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"),
+                 in_shardings=(rep, batch), out_shardings=(batch, batch))
+    return fn, rep
+
+
+def _make_encoder(model, params, devices):
+    """x -> (mean, std) as device arrays, not yet fetched."""
+    fn, rep = _jit_encoder(model, tuple(devices))
+    placed = jax.device_put(params, rep)
+    return lambda x: fn(placed, x)
+
+
+def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | None = None,
+            labels: str = "auto", tfds_name: str | None = None, data_dir: str | None = None,
+            split: str = "train", image_size: int = 256, batch_size: int = 32,
+            shard_size: int = 1000, num_workers: int = 8, on_error: str = "fail",
+            latent_scale: float = 0.18215, limit: int = 0,
+            vae_block_out_channels=vae_lib.SD_BLOCK_OUT_CHANNELS, vae_layers_per_block: int = 2,
+            vae_norm_num_groups: int = 32, vae_latent_channels: int = 4,
+            process_index: int | None = None, process_count: int | None = None,
+            log_every_s: float = 30.0) -> dict:
+    """Encodes this process's shards into `out_dir`; returns the manifest (see module doc)."""
+    if source not in SOURCES:
+        raise ValueError(f"--source={source!r} is not one of {list(SOURCES)}.")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"--on_error={on_error!r} is not one of {list(ON_ERROR)}.")
+    for flag, value in (("batch_size", batch_size), ("shard_size", shard_size),
+                        ("image_size", image_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--{flag}={value!r} must be a positive integer.")
+    if not out_dir:
+        raise ValueError("--out_dir is empty; pass the directory to write the latent shards to.")
+    model, params = vae_lib.load_vae(vae, vae_block_out_channels, vae_layers_per_block,
+                                     vae_norm_num_groups, vae_latent_channels)
+    factor = model.downsample_factor
+    if image_size % factor:
+        nearest = max(factor, image_size // factor * factor)
+        raise ValueError(f"--image_size={image_size} is not a multiple of {factor}, the VAE's "
+                         f"downsampling factor; use e.g. {nearest}.")
+    if source == "folder":
+        reader = _FolderReader(image_dir, labels, image_size)
+    else:
+        if not tfds_name:
+            raise ValueError("--tfds_name is empty; name the TFDS dataset, e.g. imagenet2012.")
+        reader = _TfdsReader(tfds_name, data_dir or None, split, image_size)
+
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index={pi} must be in [0, process_count={pc}).")
+    n = min(len(reader), limit) if limit else len(reader)
+    num_shards = math.ceil(n / shard_size)
+    latent = image_size // factor
+    manifest = {
+        "format": "SDL1 ArrayRecord latent shards (switch_dit_jax.data.sources)",
+        "source": reader.description, "num_source_images": n,
+        "vae_file": os.path.abspath(vae), "vae_sha256": vae_lib.sha256_file(vae),
+        "vae_architecture": {"block_out_channels": list(model.block_out_channels),
+                             "layers_per_block": model.layers_per_block,
+                             "norm_num_groups": model.norm_num_groups,
+                             "latent_channels": model.latent_channels},
+        "crop": CROP, "image_size": image_size,
+        "latent_shape": [latent, latent, model.latent_channels],
+        "records": "two per image: the image, then its horizontal flip "
+                   "(train with data.hflip=False)",
+        "stored": "unscaled posterior mean and std; training samples mean + std * eps",
+        "latent_scale": latent_scale, "shard_size": shard_size, "num_shards": num_shards,
+        "shard_prefix": PREFIX, "num_classes": reader.num_classes, "label_map": reader.label_map,
+        "complete": False,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _check_resume(out_dir, manifest)
+    if pi == 0 and not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        _write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+    devices = jax.local_devices()
+    # Image and flip share a batch; padding to the device count keeps one compiled shape.
+    padded = math.ceil(2 * batch_size / len(devices)) * len(devices)
+    encode = _make_encoder(model, params, devices)
+    shape = (padded, image_size, image_size, 3)
+    mine = list(range(pi, num_shards, pc))
+    todo = [s for s in mine if not os.path.exists(
+        os.path.join(out_dir, shard_name(PREFIX, s, num_shards)))]
+    total = sum(min(shard_size, n - s * shard_size) for s in mine)
+    done = total - sum(min(shard_size, n - s * shard_size) for s in todo)
+    tag = f"[process {pi}/{pc}]"
+    log.info("%s %d of my %d shards already complete; encoding %d images in %d shards on %d "
+             "devices", tag, len(mine) - len(todo), len(mine), total - done, len(todo),
+             len(devices))
+    progress = _Progress(tag, done, total, log_every_s)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+    try:
+        for shard in todo:
+            indices = list(range(shard * shard_size, min((shard + 1) * shard_size, n)))
+            with LatentShardWriter(out_dir, shard, num_shards, PREFIX,
+                                   reader.num_classes) as writer:
+                _encode_shard(writer, reader, indices, encode, shape, batch_size, pool,
+                              on_error, progress)
+            log.info("%s wrote %s (%d records)", tag, os.path.basename(writer.path),
+                     writer.num_records)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    progress.report()
+    if progress.skipped:
+        log.warning("%s skipped %d unreadable images (listed above)", tag, progress.skipped)
+    return _finish(out_dir, manifest, num_shards, pi)
+
+
+class _Progress:
+    def __init__(self, tag: str, done: int, total: int, every_s: float):
+        self.tag, self.done, self.total, self.every_s = tag, done, total, every_s
+        self.encoded = self.skipped = 0
+        self.start = self.last = time.time()
+
+    def add(self, images: int) -> None:
+        self.encoded += images
+        if time.time() - self.last > self.every_s:
+            self.report()
+
+    def report(self) -> None:
+        self.last = time.time()
+        done = self.done + self.encoded
+        rate = self.encoded / max(self.last - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate else float("nan")
+        log.info("%s %d/%d images (%.1f%%), %.1f images/s, ETA %.0f s", self.tag, done,
+                 self.total, 100.0 * done / max(self.total, 1), rate, eta)
+
+
+def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_error,
+                  progress) -> None:
+    """Encodes `indices` (and their flips) into `writer`, image i then its flip."""
+    def flush(pending):
+        if pending is not None:
+            (mean, std), labels = jax.device_get(pending[0]), pending[1]
+            b = len(labels)
+            for j in range(b):
+                writer.write(mean[j], std[j], labels[j])
+                writer.write(mean[b + j], std[b + j], labels[j])
+
+    pending = None
+    for chunk, futures in _loaded_batches(reader, indices, batch_size, pool):
+        images, labels = [], []
+        for index, future in zip(chunk, futures):
+            try:
+                image, label = future.result()
+            except Exception as e:  # noqa: BLE001 -- whatever the decoder raised, it is the file's
+                if on_error == "fail":
+                    raise ImageReadError(f"cannot read image {reader.name(index)} ({e}); fix or "
+                                         "remove it, or pass --on_error=skip to skip unreadable "
+                                         "images.") from e
+                log.warning("%s skipping unreadable image %s: %s", progress.tag,
+                            reader.name(index), e)
+                progress.skipped += 1
+                continue
+            images.append(image)
+            labels.append(label)
+        if images:
+            b = len(images)
+            x = np.zeros(shape, np.float32)
+            x[:b] = np.stack(images)
+            x[b:2 * b] = x[:b, :, ::-1]
+            # Dispatch is asynchronous: the device encodes this batch while the host writes the
+            # previous one and waits for the next reads.
+            current = (encode(x), labels)
+            flush(pending)
+            pending = current
+        progress.add(len(chunk))
+    flush(pending)
+
+
+def _finish(out_dir: str, manifest: dict, num_shards: int, pi: int) -> dict:
+    """Counts records once every shard exists (whichever process gets there writes it)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("latent extraction finished")
+        if jax.process_index() != 0:
+            return manifest
+    paths = [os.path.join(out_dir, shard_name(PREFIX, s, num_shards)) for s in range(num_shards)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        log.info("[process %d] done; %d shard(s) of other processes still missing: the last "
+                 "process to end completes manifest.json", pi, len(missing))
+        return manifest
+    records = _count_records(paths)
+    manifest = dict(manifest, complete=True, num_records=records, num_images=records // 2,
+                    num_skipped=manifest["num_source_images"] - records // 2)
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    log.info("extraction complete: %d records (%d images, %d skipped) in %d shards in %s",
+             records, records // 2, manifest["num_skipped"], num_shards, out_dir)
+    return manifest
+
+
+def _define_flags():
+    from absl import flags as f
+    f.DEFINE_enum("source", "folder", list(SOURCES), "Where the images come from.")
+    f.DEFINE_string("image_dir", None, "--source=folder: the image folder (e.g. ImageNet train/).")
+    f.DEFINE_enum("labels", "auto", ["auto", "subfolders", "none"], "--source=folder: labels "
+                  "from sorted class subfolders, or none (one class: FFHQ); auto: by the layout.")
+    f.DEFINE_string("tfds_name", "imagenet2012", "--source=tfds: the TFDS dataset name.")
+    f.DEFINE_string("data_dir", None, "--source=tfds: the TFDS data_dir with the prepared dataset.")
+    f.DEFINE_string("split", "train", "--source=tfds: the split.")
+    f.DEFINE_string("vae", None, "The VAE's diffusion_pytorch_model.safetensors (diffusers).")
+    f.DEFINE_list("vae_block_out_channels", list(map(str, vae_lib.SD_BLOCK_OUT_CHANNELS)),
+                  "VAE widths (SD: 128,256,512,512).")
+    f.DEFINE_integer("vae_layers_per_block", 2, "VAE resnets per encoder block (SD: 2).")
+    f.DEFINE_integer("vae_norm_num_groups", 32, "VAE GroupNorm groups (SD: 32).")
+    f.DEFINE_integer("vae_latent_channels", 4, "VAE latent channels (SD: 4).")
+    f.DEFINE_string("out_dir", None, "Directory for the shards and manifest.json.")
+    f.DEFINE_integer("image_size", 256, "ADM centre-crop size (a multiple of 8).")
+    f.DEFINE_integer("batch_size", 32, "Images per encoder step per process (each also flipped).")
+    f.DEFINE_integer("shard_size", 1000, "Images per shard (2 records each).")
+    f.DEFINE_integer("num_workers", 8, "Threads that read and crop images.")
+    f.DEFINE_enum("on_error", "fail", list(ON_ERROR), "An unreadable image: stop, or skip it.")
+    f.DEFINE_float("latent_scale", 0.18215,
+                   "Recorded in the manifest (training's data.latent_scale).")
+    f.DEFINE_integer("limit", 0, "Encode only the first N images (0 = all).")
+    f.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    f.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
+    f.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+    return f.FLAGS
+
+
+def _main(argv) -> None:
+    import sys
+    del argv
+    flags_ = FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if not flags_.vae or not flags_.out_dir:
+        sys.exit("error: pass --vae=/path/diffusion_pytorch_model.safetensors and --out_dir=DIR.")
+    env = os.environ
+    if flags_.coordinator_address or flags_.num_processes:
+        jax.distributed.initialize(coordinator_address=flags_.coordinator_address,
+                                   num_processes=flags_.num_processes,
+                                   process_id=flags_.process_id)
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", "") \
+            or env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    names = ("vae", "out_dir", "source", "image_dir", "labels", "tfds_name", "data_dir", "split",
+             "image_size", "batch_size", "shard_size", "num_workers", "on_error", "latent_scale",
+             "limit", "vae_layers_per_block", "vae_norm_num_groups", "vae_latent_channels")
+    try:
+        extract(**{k: getattr(flags_, k) for k in names},
+                vae_block_out_channels=tuple(int(w) for w in flags_.vae_block_out_channels))
+    except (ValueError, FileNotFoundError, ImageReadError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    FLAGS = _define_flags()
+    app.run(_main)
