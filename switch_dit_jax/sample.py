@@ -42,17 +42,35 @@ def class_labels(config, num_classes: int, n: int) -> np.ndarray:
     return np.resize(np.asarray(labels, np.int32), n)
 
 
-def make_sample_fn(model: nn.Module, config):
+def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
+    """apply_fn(x, t, y) of the sampler. With `on_capacity`, every model evaluation also sends
+    (t, capacities [L, E] of its mixture layers) to the host callback (DiffMoE reporting)."""
+    variables = {"params": model_params(params), **model_state}
+    if on_capacity is None:
+        return lambda x, t, y: model.apply(variables, x, t, y)
+
+    def apply_fn(x, t, y):
+        out, aux = model.apply(variables, x, t, y, mutable=["aux"])
+        blocks = aux.get("aux", {})
+        caps = [blocks[f"blocks_{i}"]["mlp"]["capacity"][0] for i in range(model.depth)
+                if "capacity" in blocks.get(f"blocks_{i}", {}).get("mlp", {})]
+        if caps:
+            jax.debug.callback(on_capacity, t[0], jnp.stack(caps))
+        return out
+
+    return apply_fn
+
+
+def make_sample_fn(model: nn.Module, config, on_capacity=None):
     """(params, model_state, labels, key) -> samples [B, H, W, C] in model space."""
     s = config.sample
     guided = model.num_classes > 1 and s.cfg_scale != 1.0
     if config.diffusion.objective == "flow":
-        return _flow_sample_fn(model, config, guided)
+        return _flow_sample_fn(model, config, guided, on_capacity)
     diffusion = sampling_diffusion(config)
 
     def sample(params, model_state, labels, key):
-        def apply_fn(x, t, y):
-            return model.apply({"params": model_params(params), **model_state}, x, t, y)
+        apply_fn = model_apply_fn(model, params, model_state, on_capacity)
 
         if guided:
             model_fn = cfg_model_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
@@ -68,14 +86,13 @@ def make_sample_fn(model: nn.Module, config):
     return sample
 
 
-def _flow_sample_fn(model: nn.Module, config, guided: bool):
+def _flow_sample_fn(model: nn.Module, config, guided: bool, on_capacity=None):
     """Rectified flow: integrate the velocity from noise (t=0) to data (t=1)."""
     s = config.sample
     flow = RectifiedFlow()
 
     def sample(params, model_state, labels, key):
-        def apply_fn(x, t, y):
-            return model.apply({"params": model_params(params), **model_state}, x, t, y)
+        apply_fn = model_apply_fn(model, params, model_state, on_capacity)
 
         if guided:
             model_fn = cfg_velocity_fn(apply_fn, labels, model.num_classes, s.cfg_scale)
@@ -89,7 +106,7 @@ def _flow_sample_fn(model: nn.Module, config, guided: bool):
 
 
 def generate(model: nn.Module, config, params, model_state, mesh, param_shardings,
-             num_samples: int | None = None, seed: int | None = None):
+             num_samples: int | None = None, seed: int | None = None, on_capacity=None):
     """Sample `num_samples` images in batches of config.sample.batch_size over all devices.
 
     Returns (samples float32 [N, H, W, C] on every host, labels int32 [N]).
@@ -101,7 +118,7 @@ def generate(model: nn.Module, config, params, model_state, mesh, param_sharding
     seed = config.sample.seed if seed is None else seed
     labels = class_labels(config, model.num_classes, math.ceil(n / batch) * batch)
     data = parallel.batch_sharding(mesh)
-    fn = jax.jit(make_sample_fn(model, config),
+    fn = jax.jit(make_sample_fn(model, config, on_capacity),
                  in_shardings=(param_shardings, parallel.replicated(mesh), data,
                                parallel.replicated(mesh)),
                  out_shardings=data)

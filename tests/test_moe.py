@@ -158,3 +158,35 @@ def test_mixtures_sit_in_the_odd_blocks():
     assert ["experts" in params[f"blocks_{i}"]["mlp"] for i in range(4)] == \
         [False, True, False, True]
     assert set(variables["moe_state"]) == {"blocks_1", "blocks_3"}
+
+
+@pytest.mark.parametrize("objective,sampler", [("flow", "heun"), ("gaussian", "ddim")])
+def test_capacity_report_during_sampling(tmp_path, objective, sampler):
+    """A tiny DiffMoE trained a few steps: sampling records C^E for every step and layer."""
+    import test_train
+    from switch_dit_jax import parallel
+    from switch_dit_jax.analysis import capacity
+    from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
+
+    config = test_train.tiny_config(**{
+        "diffusion.objective": objective, "sample.sampler": sampler, "sample.num_steps": 3,
+        "model.learn_sigma": objective == "gaussian", "model.depth": 4,
+        "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 4})
+    model = build_model(config.model)
+    tx = make_optimizer(config.train, config.loss)
+    mesh = parallel.make_mesh(config.mesh)
+    _, shardings = state_shardings(model, tx, mesh, config.loss)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)
+    state = state.replace(ema_model_state={"moe_state": jax.tree.map(
+        lambda v: jnp.full_like(v, 0.5), state.ema_model_state["moe_state"])})
+    summary = capacity.report(model, config, state, mesh, shardings, str(tmp_path))
+    steps = len(summary["t"])
+    assert steps == (3 if sampler == "ddim" else 4)  # Heun evaluates t = 0, 1/3, 2/3, 1
+    per_layer = np.asarray(summary["c_infer_per_layer"])
+    assert per_layer.shape == (steps, 2) and np.all(per_layer >= 0) and np.all(per_layer <= 4)
+    assert summary["c_infer_avg"] == pytest.approx(per_layer.mean())
+    assert (tmp_path / "capacity.png").exists() and (tmp_path / "capacity.json").exists()
+    # Eq. 40 at C = N_E counts every parameter; at C = 0 only 1/(1 + N_E) of the FFNs.
+    n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.ema_params))
+    assert capacity.activated_parameters(state.ema_params, 4.0, 4) == pytest.approx(n_total)
+    assert capacity.activated_parameters(state.ema_params, 0.0, 4) < n_total

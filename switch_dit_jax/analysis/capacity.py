@@ -1,0 +1,135 @@
+"""DiffMoE inference capacity while sampling (DiffMoE Eq. 8, 9, 15, 40 and Fig. 12).
+
+    python -m switch_dit_jax.analysis.capacity --config=configs/diffmoe_l_e16.py --workdir=DIR
+
+samples `config.sample.num_samples` images with the EMA weights of the latest checkpoint while
+recording, for every model evaluation, the capacity C^E = E·K^E/(B·S) of every expert of every
+mixture layer, and writes DIR/analysis/capacity.json (C_infer per step, its average C_infer^avg,
+and the average activated parameters of Eq. 40) and DIR/analysis/capacity.png (mixture layers
+as rows, sampling steps from noise to data as columns, brighter = more capacity).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+
+from switch_dit_jax.train.state import model_params
+
+log = logging.getLogger("switch_dit_jax")
+
+
+class CapacityRecorder:
+    """Host callback target: collects (t, capacities [L, E]) of every model evaluation.
+
+    Evaluations at the same t (repeated by devices or Heun's two stages) are averaged.
+    """
+
+    def __init__(self):
+        self._by_t = defaultdict(list)
+
+    def __call__(self, t, capacities) -> None:
+        self._by_t[float(np.asarray(t))].append(np.asarray(capacities, np.float64))
+
+    def per_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """(t values in sampling order, capacities [steps, L, E])."""
+        if not self._by_t:
+            raise ValueError("no capacity was recorded: the model has no DiffMoE layers "
+                             "(model.ffn.kind='diffmoe') or sampling did not run.")
+        ts = sorted(self._by_t)
+        return np.array(ts), np.stack([np.mean(self._by_t[t], axis=0) for t in ts])
+
+
+def activated_parameters(params, c_infer_avg: float, num_experts: int) -> float:
+    """Eq. 40: ((1 + C_avg)/(1 + N_E))·#FFN + #everything else, with #FFN the parameters of
+    every FFN (the dense MLPs and all experts), as the paper counts them."""
+    ffn = other = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model_params(params))[0]:
+        keys = [getattr(k, "key", "") for k in path]
+        in_ffn = "mlp" in keys and (keys[-2] in ("fc1", "fc2") or "experts" in keys)
+        if in_ffn:
+            ffn += leaf.size
+        else:
+            other += leaf.size
+    return (1 + c_infer_avg) / (1 + num_experts) * ffn + other
+
+
+def summarize(ts: np.ndarray, caps: np.ndarray, params, num_experts: int,
+              flow: bool) -> dict:
+    c_step = caps.mean(axis=(1, 2))  # Eq. 9 at every step
+    c_avg = float(c_step.mean())     # C_infer^avg over the sampling steps
+    order = np.arange(len(ts)) if flow else np.arange(len(ts))[::-1]  # noise -> data
+    return {"t": ts[order].tolist(), "c_infer": c_step[order].tolist(),
+            "c_infer_per_layer": caps.mean(axis=2)[order].tolist(), "c_infer_avg": c_avg,
+            "activated_parameters": activated_parameters(params, c_avg, num_experts)}
+
+
+def render(summary: dict, path: str) -> None:
+    per_layer = np.asarray(summary["c_infer_per_layer"]).T  # [L, steps]
+    layers, steps = per_layer.shape
+    cell_w, cell_h = max(2, 480 // steps), 18
+    hi = max(per_layer.max(), 1e-6)
+    rgb = np.stack([per_layer / hi * 255, per_layer / hi * 180, 60 + 0 * per_layer], -1)
+    image = Image.fromarray(rgb.astype(np.uint8)).resize((steps * cell_w, layers * cell_h),
+                                                         Image.NEAREST)
+    canvas = Image.new("RGB", (image.width + 20, image.height + 44), "white")
+    canvas.paste(image, (10, 22))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((10, 4), f"capacity per mixture layer (rows) over sampling, noise -> data; "
+                       f"C_infer avg {summary['c_infer_avg']:.3f}, max {hi:.2f}", fill="black")
+    draw.text((10, image.height + 26), "brighter = more tokens per expert", fill="black")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+
+
+def report(model, config, state, mesh, shardings, out_dir: str) -> dict:
+    """Sample with capacity recording; write capacity.json and capacity.png."""
+    from switch_dit_jax import sample
+    recorder = CapacityRecorder()
+    sample.generate(model, config, state.ema_params, state.ema_model_state, mesh,
+                    shardings.ema_params, on_capacity=recorder)
+    ts, caps = recorder.per_step()
+    summary = summarize(ts, caps, state.ema_params, model.ffn["num_experts"],
+                        config.diffusion.objective == "flow")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "capacity.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    render(summary, os.path.join(out_dir, "capacity.png"))
+    log.info("C_infer^avg = %.4f, average activated parameters = %s", summary["c_infer_avg"],
+             f"{summary['activated_parameters']:,.0f}")
+    return summary
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+    from switch_dit_jax import parallel
+    from switch_dit_jax.models import build_model
+    from switch_dit_jax.train.checkpoint import Checkpointer
+    from switch_dit_jax.train.state import make_optimizer, state_shardings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    model = build_model(config.model)
+    mesh = parallel.make_mesh(config.mesh)
+    abstract, shardings = state_shardings(model, make_optimizer(config.train, config.loss), mesh,
+                                          config.loss)
+    with Checkpointer(workdir, config, max_to_keep=1, async_save=False, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
+            raise SystemExit(f"error: no checkpoint in --workdir={workdir}.")
+        state = ckpt.restore(abstract, shardings, None)
+    report(model, config, state, mesh, shardings, os.path.join(workdir, "analysis"))
+
+
+if __name__ == "__main__":
+    from absl import app, flags as absl_flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    absl_flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
+    app.run(main)
