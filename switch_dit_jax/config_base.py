@@ -115,6 +115,13 @@ def get_base_config() -> ConfigDict:
     c.sample.clip_denoised = False  # clip predicted x0 to [-1, 1] (True for pixel data)
     c.sample.seed = 0              # sampling seed
 
+    c.eval = ConfigDict()
+    c.eval.eval_every = 0          # steps between in-training evaluations (0 = never)
+    c.eval.num_samples = 1000      # EMA samples per evaluation (FID-N with N = this)
+    c.eval.reference_npz = ""      # ADM reference batch / statistics .npz (non-digits data)
+    c.eval.inception_weights = ""  # FID Inception weights .npz (see eval/inception.py)
+    c.eval.batch_size = 200        # Inception feature batch size
+
     c.mesh = ConfigDict()
     c.mesh.data = -1     # data-parallel size (-1 = the devices left over)
     c.mesh.fsdp = 1      # parameter-sharding (FSDP) size

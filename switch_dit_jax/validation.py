@@ -1,6 +1,8 @@
 """Config validation before any work: each mistake is one sentence naming the field."""
 from __future__ import annotations
 
+import os
+
 from switch_dit_jax import parallel
 from switch_dit_jax.diffusion.gaussian import SCHEDULES
 from switch_dit_jax.diffusion.weighting import WEIGHTINGS
@@ -121,6 +123,17 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
            f"{d.num_timesteps}.")
     _check(s.cfg_scale >= 0, f"config.sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = none).")
     parse_labels(s.labels, model["num_classes"])
+
+    if "eval" in config and config.eval.eval_every:
+        e = config.eval
+        _positive_int("eval", "eval_every", e.eval_every)
+        _positive_int("eval", "num_samples", e.num_samples)
+        if data.name != "digits":
+            for name in ("reference_npz", "inception_weights"):
+                _check(bool(e[name]) and os.path.isfile(os.path.expanduser(e[name])),
+                       f"config.eval.{name}={e[name]!r} is not a file, but eval.eval_every="
+                       f"{e.eval_every} needs it for FID on {data.name!r} data; set it or set "
+                       "eval.eval_every=0.")
 
     if "vae" in config:
         from switch_dit_jax import vae  # reads only the weights file's header

@@ -134,11 +134,17 @@ def test_sigterm_saves_and_the_resumed_run_matches(tmp_path):
 def test_main_end_to_end_writes_checkpoint_metrics_samples(tmp_path):
     workdir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "switch_dit_jax.main", f"--config={QUICKSTART}",
-           f"--workdir={workdir}"] + cli_overrides(**{"train.sample_every": 3})
+           f"--workdir={workdir}"] + cli_overrides(**{"train.sample_every": 3,
+                                                      "eval.eval_every": 6,
+                                                      "eval.num_samples": 16})
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert sorted(metrics_by_step(workdir)) == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/digits_fd" in r]  # the in-training evaluation
+    assert [r["step"] for r in evals] == [6]
+    assert 0 <= evals[0]["eval/digits_classifier_accuracy"] <= 1 and evals[0]["eval/digits_fd"] > 0
     samples = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert samples == ["samples_00000003.npz", "samples_00000003.png",
                        "samples_00000006.npz", "samples_00000006.png"]
@@ -152,7 +158,7 @@ def test_main_end_to_end_writes_checkpoint_metrics_samples(tmp_path):
     with np.load(paths["npz"]) as f:
         np.testing.assert_array_equal(f["arr_1"], [3, 4, 3, 4, 3, 4, 3, 4])
     result = loop.evaluate_workdir(config, workdir)
-    assert 0.0 <= result["digits_classifier_accuracy"] <= 1.0
+    assert 0.0 <= result["digits_classifier_accuracy"] <= 1.0 and result["digits_fd"] > 0
     assert os.path.exists(paths["npz"][:-4] + "_eval.json")
 
 
