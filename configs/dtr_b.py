@@ -6,15 +6,8 @@ The papers' text trains with the cosine schedule (the official example script us
 --config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
 FFHQ latent directory. R-TR (random routing): --config.model.routing.kind=random.
 """
-from switch_dit_jax.config_base import get_base_config
+from switch_dit_jax.config_base import dtr_config
 
 
 def get_config():
-    config = get_base_config()
-    config.model.name = "DiT-B/2"
-    config.model.routing.kind = "dtr"
-    config.model.routing.alpha = 4.0
-    config.model.routing.beta = 0.8
-    config.diffusion.schedule = "cosine"
-    config.data.name = "latents"
-    return config
+    return dtr_config("DiT-B/2")

@@ -6,17 +6,8 @@ The paper's text trains with the cosine schedule (the official example script us
 --config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
 FFHQ latent directory. Ablations: configs/switchdit_table1.py, switchdit_table5.py.
 """
-from switch_dit_jax.config_base import get_base_config
+from switch_dit_jax.config_base import switchdit_config
 
 
 def get_config():
-    config = get_base_config()
-    config.model.name = "DiT-XL/2"
-    config.model.routing.kind = "switch"
-    config.model.routing.num_experts = 3
-    config.model.routing.top_k = 2
-    config.model.routing.integration = "mask_skip_init"
-    config.loss.prior_weight = 1.0
-    config.diffusion.schedule = "cosine"
-    config.data.name = "latents"
-    return config
+    return switchdit_config("DiT-XL/2")

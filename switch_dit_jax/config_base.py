@@ -152,3 +152,53 @@ def load_config(path: str, overrides: dict | None = None) -> ConfigDict:
             raise KeyError(f"config has no field {dotted!r}.")
         node[leaf] = value
     return config
+
+
+def dtr_config(model_name: str) -> ConfigDict:
+    """DiT + DTR routing (α 4, β 0.8) on ImageNet latents, cosine schedule (the papers' text)."""
+    c = get_base_config()
+    c.model.name = model_name
+    c.model.routing.kind = "dtr"
+    c.model.routing.alpha = 4.0
+    c.model.routing.beta = 0.8
+    c.diffusion.schedule = "cosine"
+    return c
+
+
+def switchdit_config(model_name: str) -> ConfigDict:
+    """Switch-DiT (M 3, k 2, mask+skip+init, λ_dp 1) on ImageNet latents, cosine schedule."""
+    c = get_base_config()
+    c.model.name = model_name
+    c.model.routing.kind = "switch"
+    c.model.routing.num_experts = 3
+    c.model.routing.top_k = 2
+    c.model.routing.integration = "mask_skip_init"
+    c.loss.prior_weight = 1.0
+    c.diffusion.schedule = "cosine"
+    return c
+
+
+def use_flow_objective(c: ConfigDict, objective: str) -> ConfigDict:
+    """The DiffMoE paper's objectives: "flow" (rectified flow, Heun 125 steps = NFE 250) or
+    "ddpm" (the base config's IDDPM setup)."""
+    if objective not in ("flow", "ddpm"):
+        raise ValueError(f"unknown objective {objective!r}; use 'flow' or 'ddpm'.")
+    if objective == "flow":
+        c.diffusion.objective = "flow"
+        c.model.learn_sigma = False  # a velocity has no variance to learn
+        c.sample.sampler = "heun"
+        c.sample.num_steps = 125
+    return c
+
+
+def mixture_config(model_name: str, kind: str, num_experts: int, objective: str) -> ConfigDict:
+    """A DiffMoE-paper model: `kind` mixtures of `num_experts` DiT MLPs in the odd blocks."""
+    c = get_base_config()
+    c.model.name = model_name
+    c.model.ffn.kind = kind
+    c.model.ffn.num_experts = num_experts
+    c.model.ffn.capacity = 1.0  # C_train = 1: the compute of the dense model
+    if kind == "token_choice":
+        c.model.ffn.top_k = 1
+        c.loss.load_balance_weight = 0.01
+    return use_flow_objective(c, objective)
