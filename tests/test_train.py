@@ -88,6 +88,19 @@ def test_step_on_8_devices_matches_1_device(mesh_sizes):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def test_step_without_warmup_reports_the_constant_learning_rate():
+    """The paper configs have no warm-up: optax's constant schedule returns a Python float."""
+    config = tiny_config(**{"train.warmup_steps": 0, "train.learning_rate": 3e-4})
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
+    state, metrics = step(state, fixed_batch(), jax.random.PRNGKey(1))
+    assert float(metrics["learning_rate"]) == pytest.approx(3e-4)
+    assert int(state.step) == 1
+
+
 def test_exact_resume_after_restart(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     loop.train_and_evaluate(tiny_config(), straight)

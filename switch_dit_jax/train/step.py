@@ -159,8 +159,9 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
             ema_params=ema_update(state.ema_params, params, decay),
             ema_model_state=ema_update(state.ema_model_state, model_state, decay))
+        # constant_schedule returns a Python float: make every metric an array.
         metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                       learning_rate=lr_fn(state.step))
+                       learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
         if UW_PARAMS in params:
             for k in range(loss_cfg.uw_clusters):
                 metrics[f"ant_uw/log_var{k}"] = params[UW_PARAMS]["log_var"][k]
