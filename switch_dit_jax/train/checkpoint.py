@@ -5,6 +5,10 @@ On a local or POSIX file system Orbax writes each step into `<step>.orbax-checkp
 renames it on commit (on GCS it writes a `commit_success.txt` marker instead), so a run killed
 mid-save leaves the previous step as the newest restorable one; the leftover temporary directory
 is ignored when listing steps and deleted by the next run's first save.
+
+A run may resume with another number of processes: the train state is resharded exactly, but
+grain's per-process iterator positions belong to the old shard layout, so the data stream
+restarts with a seed derived from (data.seed, step) and a WARNING says so (`resume_data_seed`).
 """
 from __future__ import annotations
 
@@ -78,6 +82,15 @@ def config_fingerprint(config) -> dict:
     return _jsonable(fp)
 
 
+def resumed_data_seed(seed: int, step: int) -> int:
+    """The data seed of a run resumed at `step` with a different number of processes.
+
+    A fresh stream seeded with data.seed alone would replay the batches the run started with;
+    mixing in the step gives each such resume its own order, the same on every process.
+    """
+    return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1)[0])
+
+
 def _fingerprint_diff(saved: dict, current: dict) -> list[str]:
     absent = object()
     diffs = []
@@ -123,6 +136,9 @@ class Checkpointer:
                            "config": ocp.JsonCheckpointHandler()})
         self._read_only = read_only
         self._saved_once = False
+        # The seed this run's data iterator was built with, recorded by save(): a same-count
+        # resume must rebuild the iterator with it (see resume_data_seed).
+        self.data_seed = int(config.data.get("seed") or 0)
         # A run that ends without close() (an exception, a forgotten call) would otherwise lose
         # its last async save: interpreter exit shuts down the thread pools Orbax commits with
         # ("cannot schedule new futures after shutdown") and leaves only a temporary directory.
@@ -185,6 +201,7 @@ class Checkpointer:
         meta = {"format": _FORMAT_VERSION,
                 "fingerprint": config_fingerprint(self.config),
                 "process_count": jax.process_count(),
+                "data_seed": self.data_seed,
                 "config": json.loads(self.config.to_json_best_effort())}
         return self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -225,6 +242,23 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"]
 
+    def resume_data_seed(self, step: int | None = None) -> int:
+        """The seed to build this run's loader with before `restore(..., step)` (None = latest).
+
+        With the process count the checkpoint was written with, it is the seed its iterator was
+        built with (data.seed, unless an earlier resume changed the process count), so restore()
+        continues that stream exactly. With another count, it is `resumed_data_seed(data.seed,
+        step)`. Either way, later saves of this Checkpointer record it.
+        """
+        step = self._resolve_step(step)
+        meta = self.saved_config(step)
+        base = int(self.config.data.get("seed") or 0)
+        if meta.get("process_count", 1) == jax.process_count():
+            self.data_seed = int(meta.get("data_seed", base))
+        else:
+            self.data_seed = resumed_data_seed(base, step)
+        return self.data_seed
+
     def _resolve_step(self, step: int | None) -> int:
         self._manager.wait_until_finished()
         steps = self.all_steps()
@@ -243,7 +277,10 @@ class Checkpointer:
 
         `abstract_state` gives the tree structure, shapes and dtypes (e.g. from `state_shardings`);
         `shardings` is a matching tree of Shardings or one Sharding for every leaf.
-        `data_iterator` (a grain DataLoader iterator, or None to skip) is set to the saved position.
+        `data_iterator` (a grain DataLoader iterator, or None to skip) is set to the saved position
+        when this run has the process count the checkpoint was written with; build its loader
+        with `resume_data_seed(step)`. With another count the iterator is left as it is (fresh,
+        for the new layout) and a WARNING says that the data order does not carry over exactly.
         Raises ConfigMismatchError when the checkpoint's fingerprint differs from this config's.
         """
         step = self._resolve_step(step)
@@ -263,13 +300,23 @@ class Checkpointer:
         if data_iterator is not None:
             saved_count = meta.get("process_count", 1)
             if saved_count != jax.process_count():
-                raise ValueError(f"the checkpoint at step {step} in {self.directory} was written by "
-                                 f"{saved_count} processes but this run has {jax.process_count()}, so "
-                                 "the per-process data positions cannot be restored; resume with "
-                                 f"{saved_count} processes or use a new --workdir.")
-            # The iterator first: its restore starts prefetching, which then overlaps the state read.
-            self._restore_data(step, data_iterator, meta)
+                self._warn_data_restarts(step, saved_count)
+            else:
+                # The iterator first: its restore starts prefetching, which overlaps the state read.
+                self._restore_data(step, data_iterator, meta)
         return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+    def _warn_data_restarts(self, step: int, saved_count: int) -> None:
+        # Grain keeps one position per process in a per-process shuffle; no mapping takes the
+        # positions of one layout to the other without repeating or skipping records.
+        if jax.process_index() == 0:
+            base = int(self.config.data.get("seed") or 0)
+            log.warning(
+                "the checkpoint at step %d in %s was written by %d process(es) and this run has "
+                "%d: the train state (parameters, EMA, optimizer state, step) is restored exactly, "
+                "but the data order does not carry over exactly: the data iterator restarts for "
+                "the new process layout with seed %d, derived from (data.seed=%d, step=%d).",
+                step, self.directory, saved_count, jax.process_count(), self.data_seed, base, step)
 
     def _restore_data(self, step: int, data_iterator, meta: dict) -> None:
         try:
@@ -280,9 +327,17 @@ class Checkpointer:
             # reports the mismatch over several lines.
             saved = meta.get("config", {}).get("data", {}).get("num_workers")
             now = self.config.data.get("num_workers")
-            hint = (f"data.num_workers was {saved} and is {now}, which grain cannot convert; "
-                    f"set it back to {saved}" if saved != now else
-                    "keep the data source, data.seed and the batch size as they were")
+            base_seed = int(self.config.data.get("seed") or 0)
+            saved_seed = meta.get("data_seed", base_seed)
+            if saved != now:
+                hint = (f"data.num_workers was {saved} and is {now}, which grain cannot convert; "
+                        f"set it back to {saved}")
+            elif saved_seed != base_seed:
+                hint = (f"its iterator was built with seed {saved_seed} (reseeded when a resume "
+                        "changed the process count); build the loader with "
+                        "seed=Checkpointer.resume_data_seed()")
+            else:
+                hint = "keep the data source, data.seed and the batch size as they were"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"the data-iterator state at step {step} in {self.directory} does not "
                              f"fit this run's data loader ({first}): {hint}, or use a new "

@@ -43,6 +43,29 @@ def _check_data_matches_model(source, model) -> None:
                           "(or 1 for unconditional).")
 
 
+def evaluate_in_training(model, config, state, mesh, shardings, workdir: str, writer) -> dict:
+    """eval.num_samples EMA samples -> the configured metrics (digits accuracy and FD on the
+    digits; FID-N, sFID, IS, precision/recall against eval.reference_npz otherwise)."""
+    from switch_dit_jax.eval import evaluate_samples
+    step = int(state.step)
+    images, labels = sample.generate(model, config, state.ema_params, state.ema_model_state,
+                                     mesh, shardings.ema_params,
+                                     num_samples=config.eval.num_samples)
+    if config.data.name == "latents":
+        images = sample.decode_latents(config, images, mesh)
+        if images is None:
+            log.warning("eval at step %d skipped: latent samples need config.vae.weights to "
+                        "be decoded into images.", step)
+            return {}
+    e = config.eval
+    result = evaluate_samples(sample.to_uint8(images), labels, data_name=config.data.name,
+                              workdir=workdir, reference_npz=e.reference_npz or None,
+                              inception_weights=e.inception_weights or None,
+                              batch_size=e.batch_size, mesh=mesh)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    return result
+
+
 def write_samples(model, config, state, mesh, shardings, workdir: str, writer=None):
     """EMA samples -> samples/samples_<step>.png (grid) and .npz (ADM format, with labels)."""
     step = int(state.step)
@@ -71,18 +94,22 @@ def train_and_evaluate(config, workdir: str) -> None:
     model = build_model(config.model)
     diffusion = make_diffusion(config)
     tx = make_optimizer(config.train, config.loss)
-    loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
-                                        jax.process_index(), jax.process_count())
-    _check_data_matches_model(loader.source, model)
-
-    abstract, shardings = state_shardings(model, tx, mesh, config.loss)
     checkpointer = ckpt_lib.Checkpointer(workdir, config,
                                          max_to_keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpointing)
+    resume_step = checkpointer.latest_step()
+    # The loader of a resumed run continues the checkpoint's data stream, or starts a fresh one
+    # when the process count changed (Checkpointer.resume_data_seed).
+    data_seed = None if resume_step is None else checkpointer.resume_data_seed(resume_step)
+    loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
+                                        jax.process_index(), jax.process_count(), seed=data_seed)
+    _check_data_matches_model(loader.source, model)
+
+    abstract, shardings = state_shardings(model, tx, mesh, config.loss)
     data_iter = iter(loader)
     init_key, step_key = _keys(config.seed)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract, shardings, data_iter)
+    if resume_step is not None:
+        state = checkpointer.restore(abstract, shardings, data_iter, resume_step)
         log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
     else:
         state = create_train_state(model, tx, init_key, mesh, config.loss)
@@ -119,6 +146,8 @@ def train_and_evaluate(config, workdir: str) -> None:
                 checkpointer.save(step, state, data_iter, force=stopping)
             if t.sample_every and (step % t.sample_every == 0 or step == t.num_steps):
                 write_samples(model, config, state, mesh, shardings, workdir, writer)
+            if config.eval.eval_every and step % config.eval.eval_every == 0:
+                evaluate_in_training(model, config, state, mesh, shardings, workdir, writer)
             if stopping:
                 log.info("SIGTERM: saved the checkpoint of step %d; exiting.", step)
                 break
@@ -150,23 +179,25 @@ def sample_from_workdir(config, workdir: str) -> dict[str, str]:
 
 
 def evaluate_workdir(config, workdir: str) -> dict[str, float]:
-    """--mode=eval: metrics of the newest samples_<step>.npz in the workdir.
-
-    On the digits: the accuracy of a classifier trained on the real digits at recognising each
-    class-conditional sample as its label. (FID-type metrics arrive with eval/metrics.py.)
-    """
-    if config.data.name != "digits":
-        raise ConfigError(f"--mode=eval supports data.name='digits' so far, not "
-                          f"{config.data.name!r}.")
+    """--mode=eval: metrics of the newest samples_<step>.npz in the workdir (digits: classifier
+    accuracy and FD; other data: FID, sFID, IS, precision/recall vs eval.reference_npz)."""
+    from switch_dit_jax.eval import evaluate_samples
     files = sorted(glob.glob(os.path.join(workdir, "samples", "samples_*.npz")))
     if not files:
         raise FileNotFoundError(f"no samples_*.npz in {workdir}/samples; run --mode=sample "
                                 "first.")
-    from switch_dit_jax.eval import digits
+    if config.data.name != "digits" and not (config.eval.reference_npz
+                                             and config.eval.inception_weights):
+        raise ConfigError("--mode=eval on non-digits data needs --config.eval.reference_npz "
+                          "and --config.eval.inception_weights.")
     with np.load(files[-1]) as f:
-        images, labels = f["arr_0"], f["arr_1"]
-    result = {"digits_classifier_accuracy": digits.classifier_accuracy(images, labels),
-              "num_samples": float(len(images))}
+        images, labels = f["arr_0"], f["arr_1"] if "arr_1" in f.files else None
+    e = config.eval
+    result = evaluate_samples(images, labels, data_name=config.data.name, workdir=workdir,
+                              reference_npz=e.reference_npz or None,
+                              inception_weights=e.inception_weights or None,
+                              batch_size=e.batch_size)
+    result = dict(result, num_samples=float(len(images)))
     out = files[-1][:-len(".npz")] + "_eval.json"
     if jax.process_index() == 0:
         with open(out, "w", encoding="utf-8") as f:
