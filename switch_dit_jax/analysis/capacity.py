@@ -108,21 +108,14 @@ def report(model, config, state, mesh, shardings, out_dir: str) -> dict:
 def main(argv) -> None:
     del argv
     from absl import flags
-    from switch_dit_jax import parallel
-    from switch_dit_jax.models import build_model
-    from switch_dit_jax.train.checkpoint import Checkpointer
-    from switch_dit_jax.train.state import make_optimizer, state_shardings
+    from switch_dit_jax.train.loop import restore_latest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    model = build_model(config.model)
-    mesh = parallel.make_mesh(config.mesh)
-    abstract, shardings = state_shardings(model, make_optimizer(config.train, config.loss), mesh,
-                                          config.loss)
-    with Checkpointer(workdir, config, max_to_keep=1, async_save=False, read_only=True) as ckpt:
-        if ckpt.latest_step() is None:
-            raise SystemExit(f"error: no checkpoint in --workdir={workdir}.")
-        state = ckpt.restore(abstract, shardings, None)
+    try:
+        model, mesh, state, shardings = restore_latest(config, workdir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     report(model, config, state, mesh, shardings, os.path.join(workdir, "analysis"))
 
 

@@ -157,20 +157,26 @@ def train_and_evaluate(config, workdir: str) -> None:
     writer.close()
 
 
-def sample_from_workdir(config, workdir: str) -> dict[str, str]:
-    """--mode=sample: EMA weights of the latest checkpoint -> PNG grid + ADM .npz."""
-    validate_config(config, jax.device_count(), jax.process_count())
+def restore_latest(config, workdir: str):
+    """(model, mesh, state, shardings) of the latest checkpoint in `workdir`, opened read-only
+    (sampling, evaluation and analysis of a run, possibly while it still trains)."""
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
     abstract, shardings = state_shardings(model, make_optimizer(config.train, config.loss), mesh,
                                           config.loss)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config, max_to_keep=config.train.keep_checkpoints,
-                                         async_save=False, read_only=True)
-    if checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in --workdir={workdir}; train first "
-                                "(--mode=train) or point --workdir at a trained run.")
-    state = checkpointer.restore(abstract, shardings, None)
-    checkpointer.close()
+    with ckpt_lib.Checkpointer(workdir, config, max_to_keep=config.train.keep_checkpoints,
+                               async_save=False, read_only=True) as checkpointer:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in --workdir={workdir}; train first "
+                                    "(--mode=train) or point --workdir at a trained run.")
+        state = checkpointer.restore(abstract, shardings, None)
+    return model, mesh, state, shardings
+
+
+def sample_from_workdir(config, workdir: str) -> dict[str, str]:
+    """--mode=sample: EMA weights of the latest checkpoint -> PNG grid + ADM .npz."""
+    validate_config(config, jax.device_count(), jax.process_count())
+    model, mesh, state, shardings = restore_latest(config, workdir)
     start = time.time()
     paths = write_samples(model, config, state, mesh, shardings, workdir)
     log.info("sampled %d images in %.1fs: %s", config.sample.num_samples, time.time() - start,
