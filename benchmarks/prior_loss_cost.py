@@ -19,10 +19,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from switch_dit_jax import parallel
 from switch_dit_jax.models import build_model, switch
-from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
-from switch_dit_jax.train.step import make_diffusion, make_train_step
+from synthetic_step import synthetic_step
 
 config_flags.DEFINE_config_file("config", None, "Config file (a Switch-DiT model).",
                                 lock_config=False)
@@ -45,21 +43,7 @@ def assignment_seconds(n: int, repeats: int = 200) -> float:
 def compiled_step(config, prior_weight: float):
     config = config.copy_and_resolve_references()
     config.loss.prior_weight = prior_weight
-    mesh = parallel.make_mesh(config.mesh)
-    model = build_model(config.model)
-    tx = make_optimizer(config.train, config.loss)
-    _, shardings = state_shardings(model, tx, mesh, config.loss)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)
-    b, s, c = config.train.global_batch_size, model.input_size, model.in_channels
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.standard_normal((b, s, s, c), np.float32),
-                            "label": rng.integers(0, model.num_classes, b).astype(np.int32)},
-                           parallel.batch_sharding(mesh))
-    fn = jax.jit(make_train_step(model, make_diffusion(config), tx, config),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh),
-                               parallel.replicated(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-    key = jax.random.PRNGKey(1)
+    fn, state, batch, key, _, _ = synthetic_step(config)
     state, metrics = fn(state, batch, key)  # compile + warm up
     jax.block_until_ready(metrics)
     return fn, state, batch, key

@@ -17,15 +17,12 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from switch_dit_jax import parallel
-from switch_dit_jax.models import build_model
-from switch_dit_jax.train.state import count_params, create_train_state, make_optimizer, \
-    state_shardings
-from switch_dit_jax.train.step import make_diffusion, make_train_step
+from switch_dit_jax.train.state import count_params
+from synthetic_step import synthetic_step
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("warmup_steps", 3, "Steps before timing (after compilation).")
@@ -69,21 +66,8 @@ def peak_memory_bytes(device) -> tuple[int, str]:
 def main(argv):
     del argv
     config = FLAGS.config
-    mesh = parallel.make_mesh(config.mesh)
-    model = build_model(config.model)
-    tx = make_optimizer(config.train, config.loss)
-    _, shardings = state_shardings(model, tx, mesh, config.loss)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)
-    b, s, c = config.train.global_batch_size, model.input_size, model.in_channels
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.standard_normal((b, s, s, c), np.float32),
-                            "label": rng.integers(0, model.num_classes, b).astype(np.int32)},
-                           parallel.batch_sharding(mesh))
-    key = jax.random.PRNGKey(1)
-    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config),
-                   in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                 parallel.replicated(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    step, state, batch, key, mesh, model = synthetic_step(config)
+    b = config.train.global_batch_size
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         t0 = time.perf_counter()
         compiled = step.lower(state, batch, key).compile()
