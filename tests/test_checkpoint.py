@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ckpt_crash_child as child
-from switch_dit_jax.train.checkpoint import (Checkpointer, ConfigMismatchError,
-                                             PreemptionGuard, config_fingerprint)
+from switch_dit_jax.train.checkpoint import Checkpointer, ConfigMismatchError, config_fingerprint
+from switch_dit_jax.train.preemption import PreemptionGuard
 from switch_dit_jax.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,8 +285,8 @@ def test_preemption_guard_sigterm_sets_flag_and_restores_handler():
 
 
 def test_preemption_guard_multi_process_paths(monkeypatch):
-    import switch_dit_jax.train.checkpoint as ckpt_lib
-    mhu = ckpt_lib.multihost_utils
+    import switch_dit_jax.train.preemption as preemption
+    mhu = preemption.multihost_utils
     before = signal.getsignal(signal.SIGTERM)
 
     # Without jax's preemption service: the local flags are OR-ed over processes, so a notice on
@@ -304,7 +304,7 @@ def test_preemption_guard_multi_process_paths(monkeypatch):
 
     # With it: no Python handler (it would displace JAX's C++ SIGTERM notifier) and the stop
     # step is JAX's sync point.
-    monkeypatch.setattr(ckpt_lib, "_jax_preemption_service", lambda: True)
+    monkeypatch.setattr(preemption, "_jax_preemption_service", lambda: True)
     monkeypatch.setattr(mhu, "reached_preemption_sync_point", lambda step: step == 9)
     with PreemptionGuard() as guard:
         assert guard.mode == "jax_sync"

@@ -17,6 +17,7 @@ from switch_dit_jax.data import pipeline
 from switch_dit_jax.models import build_model
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import metrics as metrics_lib
+from switch_dit_jax.train.preemption import PreemptionGuard
 from switch_dit_jax.train.state import (count_params, create_train_state, make_optimizer,
                                         state_shardings)
 from switch_dit_jax.train.step import make_diffusion, make_train_step
@@ -130,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> None:
         log.info("the checkpoint is at step %d >= train.num_steps=%d: nothing to train.",
                  first, t.num_steps)
     history = []
-    with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(mesh), \
+    with PreemptionGuard() as guard, jax.set_mesh(mesh), \
             nn.logical_axis_rules(parallel.LOGICAL_RULES):
         for step in range(first + 1, t.num_steps + 1):
             batch = pipeline.global_batch(next(data_iter), batch_sharding)
