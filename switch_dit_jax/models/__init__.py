@@ -62,14 +62,20 @@ MODEL_DEFAULTS = dict(
 )
 
 
-def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
-    cfg = dict(FFN_DEFAULTS)
-    ffn = dict(ffn or {})
-    unknown = set(ffn) - set(cfg)
+def with_defaults(defaults: Mapping[str, Any], given: Mapping[str, Any] | None,
+                  label: str) -> dict[str, Any]:
+    """`defaults` updated by `given`; a field not in `defaults` is refused by name."""
+    cfg, given = dict(defaults), dict(given or {})
+    unknown = set(given) - set(cfg)
     if unknown:
-        raise ValueError(f"model.ffn has unknown field(s) {sorted(unknown)}; known fields: "
+        raise ValueError(f"{label} has unknown field(s) {sorted(unknown)}; known fields: "
                          f"{sorted(cfg)}.")
-    cfg.update(ffn)
+    cfg.update(given)
+    return cfg
+
+
+def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = with_defaults(FFN_DEFAULTS, ffn, "model.ffn")
     if cfg["kind"] not in MOE_KINDS:
         raise ValueError(f"model.ffn.kind={cfg['kind']!r}; use one of {list(MOE_KINDS)}.")
     for key in ("num_experts", "every", "top_k"):
@@ -87,13 +93,7 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
-    cfg = dict(ROUTING_DEFAULTS)
-    routing = dict(routing or {})
-    unknown = set(routing) - set(cfg)
-    if unknown:
-        raise ValueError(f"model.routing has unknown field(s) {sorted(unknown)}; known fields: "
-                         f"{sorted(cfg)}.")
-    cfg.update(routing)
+    cfg = with_defaults(ROUTING_DEFAULTS, routing, "model.routing")
     if cfg["kind"] not in ROUTING_KINDS:
         raise ValueError(f"model.routing.kind={cfg['kind']!r}; use one of {list(ROUTING_KINDS)}.")
     if not 0.0 < cfg["beta"] <= 1.0:
@@ -119,12 +119,7 @@ def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults + named size + explicit overrides, validated; errors name the field."""
-    cfg = dict(MODEL_DEFAULTS)
-    unknown = set(model_config) - set(cfg)
-    if unknown:
-        raise ValueError(f"model config has unknown field(s) {sorted(unknown)}; known fields: "
-                         f"{sorted(cfg)}.")
-    cfg.update({k: v for k, v in dict(model_config).items()})
+    cfg = with_defaults(MODEL_DEFAULTS, model_config, "model config")
     cfg["routing"] = resolve_routing(cfg["routing"])
     cfg["ffn"] = resolve_ffn(cfg["ffn"])
     sizes = {} if cfg["name"] == "custom" else parse_model_name(cfg["name"])
