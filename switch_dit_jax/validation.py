@@ -143,9 +143,14 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
             raise ConfigError(str(e)) from None
 
     try:
-        parallel.mesh_shape(config.mesh, num_devices)
+        expert_devices = parallel.mesh_shape(config.mesh, num_devices)[2]
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from None
+    ffn = model["ffn"]
+    _check(ffn["kind"] == "mlp" or ffn["num_experts"] % expert_devices == 0,
+           f"config.mesh.expert={expert_devices} does not divide model.ffn.num_experts="
+           f"{ffn['num_experts']}; experts are split evenly over the expert axis, so use a "
+           "divisor of the number of experts.")
     _check(t.global_batch_size % num_devices == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{num_devices} devices the batch is split over; use a multiple of {num_devices}.")

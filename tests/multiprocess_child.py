@@ -1,14 +1,16 @@
 """One process of a 2-process jax.distributed run on localhost (gloo), for test_multiprocess.
 
-usage: multiprocess_child.py PORT PROCESS_ID WORKDIR OUT.npz
+usage: multiprocess_child.py PORT PROCESS_ID WORKDIR OUT.npz [CONFIG_OVERRIDES_JSON]
 Trains 3 steps on a fixed global batch (each process feeds its half), saves and restores a
-checkpoint, and (process 0) writes the params and losses to OUT.npz.
+checkpoint, and (process 0) writes the params, model state and losses to OUT.npz.
 """
+import json
 import sys
 
 import jax
 
 port, pid, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+overrides = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=pid)
 
@@ -25,7 +27,7 @@ from switch_dit_jax.train.state import (create_train_state, make_optimizer,  # n
 from switch_dit_jax.train.step import make_diffusion, make_train_step  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 2
-config = test_train.tiny_config()
+config = test_train.tiny_config(**overrides)
 model = build_model(config.model)
 tx = make_optimizer(config.train)
 mesh = parallel.make_mesh(config.mesh)
@@ -52,8 +54,8 @@ with Checkpointer(workdir, config, max_to_keep=2) as ckpt:
     it2 = iter(pipeline.make_train_loader(config.data, 16, pid, 2))
     restored = ckpt.restore(abstract, shardings, it2)
 np.testing.assert_array_equal(next(it)["image"], next(it2)["image"])
-params = multihost_utils.process_allgather(state.params, tiled=True)
-same = multihost_utils.process_allgather(restored.params, tiled=True)
+params = multihost_utils.process_allgather((state.params, state.model_state), tiled=True)
+same = multihost_utils.process_allgather((restored.params, restored.model_state), tiled=True)
 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)):
     np.testing.assert_array_equal(a, b)
 if pid == 0:

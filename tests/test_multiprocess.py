@@ -1,4 +1,5 @@
 """2 processes on localhost (jax.distributed, gloo): training, checkpoints, agreement."""
+import json
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import portpicker
+import pytest
 
 from switch_dit_jax import parallel
 from switch_dit_jax.models import build_model
@@ -33,13 +35,17 @@ def run_pair(args_of, timeout=400):
     return outs
 
 
-def test_two_processes_agree_with_one(tmp_path):
+@pytest.mark.parametrize("overrides", [
+    {},
+    # DiffMoE with its experts split over the two processes: one pool spans both hosts.
+    dict(test_train.DIFFMOE, **{"mesh.data": 1, "mesh.expert": 2})])
+def test_two_processes_agree_with_one(tmp_path, overrides):
     port = portpicker.pick_unused_port()
     out = str(tmp_path / "two.npz")
     run_pair(lambda pid: [sys.executable, os.path.join(HERE, "multiprocess_child.py"), str(port),
-                          str(pid), str(tmp_path / "ckpt"), out])
+                          str(pid), str(tmp_path / "ckpt"), out, json.dumps(overrides)])
 
-    config = test_train.tiny_config()
+    config = test_train.tiny_config(**overrides)
     model = build_model(config.model)
     tx = make_optimizer(config.train)
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:2])
@@ -56,7 +62,9 @@ def test_two_processes_agree_with_one(tmp_path):
             losses.append(float(metrics["loss"]))
     with np.load(out) as f:
         np.testing.assert_allclose(f["losses"], losses, rtol=1e-6)
-        for i, leaf in enumerate(jax.tree.leaves(jax.device_get(state.params))):
+        leaves = jax.tree.leaves(jax.device_get((state.params, state.model_state)))
+        assert len(leaves) == len(f.files) - 1
+        for i, leaf in enumerate(leaves):
             np.testing.assert_allclose(f[str(i)], leaf, rtol=1e-5, atol=1e-7)
 
 

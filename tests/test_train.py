@@ -59,30 +59,40 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(data=8, fsdp=1), dict(data=1, fsdp=8),
-                                        dict(data=2, fsdp=4)])
-def test_step_on_8_devices_matches_1_device(mesh_sizes):
-    config = tiny_config()
+DIFFMOE = {"model.depth": 2, "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 8}
+
+
+@pytest.mark.parametrize("mesh_sizes,overrides", [
+    (dict(data=8, fsdp=1, expert=1), {}), (dict(data=1, fsdp=8, expert=1), {}),
+    (dict(data=2, fsdp=4, expert=1), {}),
+    # Experts on all 8 devices: the whole batch is one DiffMoE pool, as on one device.
+    (dict(data=1, fsdp=1, expert=8), DIFFMOE)])
+def test_step_on_8_devices_matches_1_device(mesh_sizes, overrides):
+    config = tiny_config(**overrides)
     model = build_model(config.model)
     tx = make_optimizer(config.train)
     step_fn = make_train_step(model, make_diffusion(config), tx, config)
     batch = fixed_batch()
     results = []
     for sizes, devices in ((dict(data=1, fsdp=1, expert=1), jax.devices()[:1]),
-                           (dict(mesh_sizes, expert=1), jax.devices())):
+                           (mesh_sizes, jax.devices())):
         mesh = parallel.make_mesh(sizes, devices)
         _, shardings = state_shardings(model, tx, mesh)
         state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
-        if sizes.get("fsdp", 1) > 1:  # parameters really are split over the fsdp axis
+        if sizes["fsdp"] > 1:  # parameters really are split over the fsdp axis
             kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
             assert kernel.sharding.shard_shape(kernel.shape) == (32 // sizes["fsdp"], 128)
+        if sizes["expert"] > 1:  # and experts over the expert axis
+            kernel = state.params["blocks_1"]["mlp"]["experts"]["fc1_kernel"]
+            assert kernel.sharding.shard_shape(kernel.shape)[0] == 8 // sizes["expert"]
         fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
                                             parallel.replicated(mesh)),
                      out_shardings=(shardings, parallel.replicated(mesh)))
         with jax.set_mesh(mesh):
             for _ in range(3):
                 state, metrics = fn(state, batch, jax.random.PRNGKey(1))
-        results.append(jax.device_get((state.params, state.ema_params, metrics)))
+        results.append(jax.device_get((state.params, state.ema_params, state.model_state,
+                                       state.ema_model_state, metrics)))
     # Same math, different reduction order across devices: float32 round-off only.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -182,6 +192,8 @@ def test_main_end_to_end_writes_checkpoint_metrics_samples(tmp_path):
     ({"train.num_steps": -5}, "train.num_steps"),
     ({"train.learning_rate": 0.0}, "train.learning_rate"),
     ({"mesh.fsdp": 3}, "config.mesh"),
+    ({"model.ffn.kind": "diffmoe", "model.ffn.num_experts": 6, "mesh.expert": 4,
+      "mesh.data": 2}, "mesh.expert=4 does not divide model.ffn.num_experts=6"),
     ({"data.name": "cifar"}, "data.name"),
     ({"sample.sampler": "euler"}, "sample.sampler"),
     ({"sample.labels": "3,12"}, "sample.labels"),
