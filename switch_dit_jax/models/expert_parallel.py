@@ -79,6 +79,5 @@ def run(local_fn: Callable, pool: jax.Array, routing: dict, experts: dict):
     batch, by_group = P(parallel.BATCH_AXES), P(GROUP_AXES, EXPERT_AXIS)
     return jax.shard_map(
         sharded, mesh=mesh,
-        in_specs=(batch, jax.tree.map(lambda _: by_group, routing),
-                  jax.tree.map(lambda _: P(EXPERT_AXIS), experts)),
+        in_specs=(batch, by_group, P(EXPERT_AXIS)),
         out_specs=(batch, by_group, P(EXPERT_AXIS)))(pool, routing, experts)
