@@ -190,6 +190,29 @@ def test_config_mismatch_is_one_clear_error_and_harmless_changes_pass(tmp_path):
         assert ck.saved_config()["config"]["train"]["num_steps"] == 400_000
 
 
+def test_fields_newer_than_the_checkpoint_resume_at_their_defaults(tmp_path, monkeypatch):
+    """A checkpoint written before model.ffn existed resumes when the config keeps the default."""
+    from switch_dit_jax.train import checkpoint
+
+    def older_fingerprint(config):
+        return {k: v for k, v in config_fingerprint(config).items()
+                if not k.startswith("model.ffn.")}
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "config_fingerprint", older_fingerprint)
+        with Checkpointer(str(tmp_path), make_config(), max_to_keep=1) as ck:
+            ck.save(1, make_state(1), iter(make_loader()))
+    abstract = jax.eval_shape(lambda: make_state(0))
+    with Checkpointer(str(tmp_path), make_config(), max_to_keep=1) as ck:
+        assert "model.ffn.kind" not in ck.saved_config()["fingerprint"]
+        assert_bitwise_equal(ck.restore(abstract, replicated(), iter(make_loader())), make_state(1))
+    cfg = make_config()
+    cfg.model.ffn.kind = "diffmoe"  # not what the older code trained
+    with Checkpointer(str(tmp_path), cfg, max_to_keep=1) as ck:
+        with pytest.raises(ConfigMismatchError, match='model.ffn.kind: checkpoint <absent>, '
+                                                      'config "diffmoe"'):
+            ck.restore(abstract, replicated(), None)
+
+
 def test_user_errors_are_one_sentence(tmp_path):
     abstract = jax.eval_shape(lambda: make_state(0))
     with Checkpointer(str(tmp_path), make_config(), max_to_keep=1) as ck:

@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from switch_dit_jax.config_base import get_base_config
+
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
@@ -90,10 +92,18 @@ def resumed_data_seed(seed: int, step: int) -> int:
 
 
 def _fingerprint_diff(saved: dict, current: dict) -> list[str]:
+    """The fields that differ, as "key: checkpoint A, config B".
+
+    A field that the checkpoint lacks (it was written before the field existed) counts as
+    equal when this config holds the field's default, i.e. the behaviour older code had.
+    """
+    defaults = config_fingerprint(get_base_config())
     absent = object()
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, absent), current.get(key, absent)
+        if a is absent and key in defaults and b == defaults[key]:
+            continue
         if a != b:
             show = lambda v: "<absent>" if v is absent else json.dumps(v)
             diffs.append(f"{key}: checkpoint {show(a)}, config {show(b)}")
