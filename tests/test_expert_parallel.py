@@ -52,7 +52,7 @@ def apply(layer, variables, x, train, cotangent):
 
 def reference(layer, variables, x, train, cotangent, groups):
     """The single-device layer on each block of B / groups samples; stats averaged."""
-    parts = [apply(layer, variables, xg, train, cg)
+    parts = [jax.jit(apply, static_argnums=(0, 3))(layer, variables, xg, train, cg)
              for xg, cg in zip(np.split(np.asarray(x), groups),
                                np.split(np.asarray(cotangent), groups))]
     y = np.concatenate([p[0] for p in parts])

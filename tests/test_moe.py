@@ -1,4 +1,9 @@
 """DiffMoE / TC-DiT / EC-DiT mixture layers against brute force on tiny pools."""
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,26 +99,39 @@ def test_diffmoe_thresholds_follow_eq17_and_predictor_is_detached():
     assert np.any(np.asarray(g_params["capacity_fc2"]["kernel"]))
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "interval"])
-def test_diffmoe_inference_uses_the_predicted_capacity(mode):
+@pytest.mark.parametrize("mode,k", [("dynamic", None), ("interval", None),
+                                    ("dynamic", 0), ("dynamic", 1), ("dynamic", 4)])
+def test_diffmoe_inference_uses_the_predicted_capacity(mode, k):
+    """k: every τ_e sits between expert e's k-th and (k+1)-th highest prediction, so K^E = k
+    for all e and inference runs in a small capacity bucket (12 tokens: 12, 6, 3, 2, 1)."""
     layer = moe.DiffMoE(E, F, inference=mode, interval_threshold=0.55)
     x = tokens(3)
     variables = init(layer, x)
-    tau = jnp.array([0.3, 0.5, 0.7, 0.9])
+    _, train_state = layer.apply(variables, x, True, mutable=["aux", "moe_state"])
+    prob = 1 / (1 + np.exp(-np.asarray(train_state["aux"]["capacity_logits"][0])))
+    ranked = np.concatenate([np.ones((1, E)), -np.sort(-prob, axis=0)])
+    tau = jnp.array([0.3, 0.5, 0.7, 0.9]) if k is None else jnp.asarray(
+        (ranked[k] + ranked[k + 1]) / 2)
     variables["moe_state"] = {"threshold": tau}
     y, state = layer.apply(variables, x, False, mutable=["aux"])
     pool = np.asarray(x).reshape(B * S, D)
     scores = scores_of(variables["params"], pool)
-    _, train_state = layer.apply(variables, x, True, mutable=["aux", "moe_state"])
-    prob = 1 / (1 + np.exp(-np.asarray(train_state["aux"]["capacity_logits"][0])))
     thresholds = np.asarray(tau) if mode == "dynamic" else np.full(E, 0.55)
     k_pred = (prob > thresholds[None]).sum(0)
+    if k is not None:
+        assert np.all(k_pred == k)
     np.testing.assert_allclose(state["aux"]["capacity"][0], k_pred * E / (B * S), rtol=1e-6)
     expected = np.zeros_like(pool)
     for e in range(E):
         for p in np.argsort(-scores[:, e], kind="stable")[:k_pred[e]]:
             expected[p] += scores[p, e] * np.asarray(expert_fn(variables["params"], e, pool[p]))
     np.testing.assert_allclose(np.asarray(y).reshape(B * S, D), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_capacity_buckets_halve_the_pool():
+    assert moe.capacity_buckets(12, 6) == [12, 6, 3, 2, 1]
+    assert moe.capacity_buckets(8192, 6) == [8192, 4096, 2048, 1024, 512, 256]
+    assert moe.capacity_buckets(8192, 1) == [8192]
 
 
 def test_token_choice_is_the_gated_sum_of_each_tokens_top_k():
@@ -190,3 +208,15 @@ def test_capacity_report_during_sampling(tmp_path, objective, sampler):
     n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.ema_params))
     assert capacity.activated_parameters(state.ema_params, 4.0, 4) == pytest.approx(n_total)
     assert capacity.activated_parameters(state.ema_params, 0.0, 4) < n_total
+
+
+def test_inference_benchmark_runs_and_its_variants_agree(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "diffmoe_inference.py"),
+                    "--width=16", "--experts=4", "--samples=2", "--tokens=16", "--repeats=1",
+                    f"--out={out}"], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["max_abs_difference"] < 1e-6
+    assert result["max_K"] == 16 and result["bucket"] == 16  # 2 x pool / E of a 32-token pool
+    assert result["C_infer"] == pytest.approx(1.25, abs=0.1)

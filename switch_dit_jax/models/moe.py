@@ -21,9 +21,11 @@ Each layer computes its routing per token and leaves the expert work to a local 
 by `expert_parallel.run`: on one device the pool is the whole batch; under a mesh it is the
 tokens of an expert-parallel group and the experts are sharded over 'expert'.
 
-Shapes are static under jit, so the dynamic inference capacity is realised by masking the
-tokens beyond k_pred: the numbers are those of Algorithm 4; the compute saving needs a
-dynamic-shape kernel and is reported as C_infer rather than realised.
+Shapes are static under jit, so the dynamic inference capacity is realised with a few static
+sizes (`capacity_buckets`): every expert of a layer runs on the smallest of pool, pool/2, ...,
+pool/32 tokens that holds the layer's largest predicted K^E, and tokens beyond each expert's
+K^E are masked. The outputs are those of Algorithm 4; the compute is E x that bucket, which is
+within a factor of two of E x max K^E rather than equal to Σ K^E.
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ class DiffMoE(nn.Module):
     threshold_decay: float = 0.95
     inference: str = "dynamic"            # "dynamic" (learned τ) | "interval" (constant γ)
     interval_threshold: float = 0.5       # γ of the interval search
+    # Inference runs each expert on pool / 2^j tokens for the smallest j that fits (j < this
+    # count): compute follows the predicted capacity instead of E x the pool. 1 = whole pool.
+    inference_buckets: int = 6
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -151,9 +156,25 @@ class DiffMoE(nn.Module):
         pool_size = pool.shape[0]
         weights = {name: w for name, w in experts.items() if name != "threshold"}
         k_pred = jnp.sum(routing["predicted"] > experts["threshold"][None], axis=0)  # [e]
-        keep = (jnp.arange(pool_size)[None] < k_pred[:, None]).astype(jnp.float32)
-        y, _ = _expert_choice(pool, routing["scores"], keep, weights)  # every token, best first
+
+        def process(size):  # every expert runs its `size` best tokens, those past k_pred masked
+            def run():
+                keep = (jnp.arange(size)[None] < k_pred[:, None]).astype(jnp.float32)
+                return _expert_choice(pool, routing["scores"], keep, weights)[0]
+            return run
+        sizes = capacity_buckets(pool_size, self.inference_buckets)
+        smallest_fit = jnp.sum(jnp.asarray(sizes) >= jnp.max(k_pred)) - 1
+        y = jax.lax.switch(smallest_fit, [process(size) for size in sizes])
         return y, {}, {"capacity": k_pred.astype(jnp.float32) * self.num_experts / pool_size}
+
+
+def capacity_buckets(pool_size: int, count: int) -> list[int]:
+    """Static token counts per expert for inference: pool, pool/2, ... (count sizes, descending).
+
+    Shapes must be static under jit, so an expert's predicted K^E is served by the smallest
+    bucket that holds the largest K^E of the layer; the tokens beyond each K^E are masked.
+    """
+    return sorted({-(-pool_size // 2 ** j) for j in range(count)}, reverse=True)
 
 
 class TokenChoiceMoE(nn.Module):
