@@ -125,7 +125,9 @@ def get_base_config() -> ConfigDict:
     c.mesh = ConfigDict()
     c.mesh.data = -1     # data-parallel size (-1 = the devices left over)
     c.mesh.fsdp = 1      # parameter-sharding (FSDP) size
-    c.mesh.expert = 1    # expert-parallel size
+    # Expert-parallel size: mixture experts are split over it (it must divide ffn.num_experts)
+    # and a DiffMoE pool spans its devices, i.e. global_batch / (data·fsdp) samples.
+    c.mesh.expert = 1
     return c
 
 
