@@ -284,11 +284,15 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
     latest = 2 if (ckdir / "2").exists() else 1
     _restore_child_state(tmp_path / "exit_after_save", latest)
 
-    # A normal exit without close() still commits the pending async save.
+    # A normal exit without close() still commits the pending async save. CPython 3.12.0 and
+    # 3.12.1 refuse to start threads once the main module has ended (fixed in 3.12.2,
+    # gh-113964), so Orbax cannot commit there; step 1 then stays the latest, intact checkpoint.
     rc, log = out["no_close"]
     assert rc == 0, log
-    assert sorted(os.listdir(tmp_path / "no_close" / "checkpoints")) == ["1", "2"]
-    _restore_child_state(tmp_path / "no_close", 2)
+    committed = ["1"] if sys.version_info[:3] in ((3, 12, 0), (3, 12, 1)) else ["1", "2"]
+    assert sorted(p for p in os.listdir(tmp_path / "no_close" / "checkpoints")
+                  if "tmp" not in p) == committed
+    _restore_child_state(tmp_path / "no_close", int(committed[-1]))
 
 
 def test_preemption_guard_sigterm_sets_flag_and_restores_handler():

@@ -151,6 +151,7 @@ class Checkpointer:
         # its last async save: interpreter exit shuts down the thread pools Orbax commits with
         # ("cannot schedule new futures after shutdown") and leaves only a temporary directory.
         # threading's exit hooks run before those pools shut down; atexit's run after.
+        # (CPython 3.12.0-3.12.1 forbid new threads there too, so only close() commits.)
         # The hook holds the manager, not self: the Checkpointer may be gone while a save is not.
         self._pending = {"manager": None if read_only else self._manager}
         register = getattr(threading, "_register_atexit", None)
