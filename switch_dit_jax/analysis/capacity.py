@@ -70,19 +70,40 @@ def summarize(ts: np.ndarray, caps: np.ndarray, params, num_experts: int,
 
 
 def render(summary: dict, path: str) -> None:
+    """Heat map of C^E per mixture layer (rows) over the sampling steps (noise -> data), its
+    colour scale stretched over the observed range, and C_infer per step as a line below."""
     per_layer = np.asarray(summary["c_infer_per_layer"]).T  # [L, steps]
+    c_step = np.asarray(summary["c_infer"])
     layers, steps = per_layer.shape
-    cell_w, cell_h = max(2, 480 // steps), 18
-    hi = max(per_layer.max(), 1e-6)
-    rgb = np.stack([per_layer / hi * 255, per_layer / hi * 180, 60 + 0 * per_layer], -1)
+    cell_w, cell_h = max(2, 480 // steps), max(18, 144 // layers)
+    lo, hi = float(per_layer.min()), float(per_layer.max())
+    level = (per_layer - lo) / max(hi - lo, 1e-6)
+    rgb = np.stack([60 + level * 195, 40 + level * 150, 90 - level * 60], -1)
     image = Image.fromarray(rgb.astype(np.uint8)).resize((steps * cell_w, layers * cell_h),
                                                          Image.NEAREST)
-    canvas = Image.new("RGB", (image.width + 20, image.height + 44), "white")
-    canvas.paste(image, (10, 22))
+    left, top, plot_h = 58, 22, 90
+    canvas = Image.new("RGB", (image.width + left + 10, top + image.height + plot_h + 48),
+                       "white")
+    canvas.paste(image, (left, top))
     draw = ImageDraw.Draw(canvas)
-    draw.text((10, 4), f"capacity per mixture layer (rows) over sampling, noise -> data; "
-                       f"C_infer avg {summary['c_infer_avg']:.3f}, max {hi:.2f}", fill="black")
-    draw.text((10, image.height + 26), "brighter = more tokens per expert", fill="black")
+    draw.text((4, 4), f"capacity C^E per mixture layer over sampling (noise -> data); "
+                      f"C_infer avg {summary['c_infer_avg']:.3f}", fill="black")
+    for i in range(layers):
+        draw.text((4, top + i * cell_h + cell_h // 2 - 6), f"layer {i}", fill="black")
+    y0 = top + image.height + 4
+    draw.text((left, y0), f"dark = {lo:.2f}, bright = {hi:.2f}", fill="black")
+    # C_infer per step, on a scale that always shows the dense-compute line C = 1.
+    c_lo, c_hi = min(c_step.min(), 1.0), max(c_step.max(), 1.0)
+    span = max(c_hi - c_lo, 1e-6)
+    plot_top = y0 + 18
+    to_y = lambda c: plot_top + plot_h - (c - c_lo) / span * plot_h  # noqa: E731
+    xs = left + (np.arange(steps) + 0.5) * cell_w
+    draw.line([(left, to_y(1.0)), (left + image.width, to_y(1.0))], fill=(170, 170, 170))
+    draw.line(list(zip(xs.tolist(), [to_y(c) for c in c_step])), fill=(200, 80, 20), width=2)
+    draw.text((4, plot_top - 6), f"{c_hi:.2f}", fill="black")
+    draw.text((4, plot_top + plot_h - 6), f"{c_lo:.2f}", fill="black")
+    draw.text((left, plot_top + plot_h + 8), "C_infer per step (grey: C = 1, the dense compute)",
+              fill="black")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     canvas.save(path)
 
