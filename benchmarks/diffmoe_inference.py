@@ -59,12 +59,12 @@ def main():
 
     y_whole, y_buckets = outputs["whole pool"][0], outputs["capacity buckets"][0]
     capacity = np.asarray(outputs["capacity buckets"][1]["aux"]["capacity"][0])
+    max_k = int(round(capacity.max() * pool / e))
+    sizes = moe.capacity_buckets(pool, layers["capacity buckets"].inference_buckets)
     result = {
         "device": jax.devices()[0].device_kind, "pool": pool, "experts": e, "width": d,
-        "dtype": args.dtype, "C_infer": float(capacity.mean()),
-        "max_K": int(round(capacity.max() * pool / e)),
-        "bucket": next(s for s in reversed(moe.capacity_buckets(pool, 6))
-                       if s >= round(capacity.max() * pool / e)),
+        "dtype": args.dtype, "C_infer": float(capacity.mean()), "max_K": max_k,
+        "bucket": min(size for size in sizes if size >= max_k),
         "max_abs_difference": float(jnp.max(jnp.abs(y_whole - y_buckets))),
         "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
     }

@@ -191,8 +191,9 @@ class TokenChoiceMoE(nn.Module):
         pool = x.reshape(pool_size, d)
         probs = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
         gates, choice = jax.lax.top_k(probs, self.top_k)  # [P, k]
-        routed = jnp.sum(jax.nn.one_hot(choice, e), axis=1)  # [P, E]
-        weight = jnp.sum(jax.nn.one_hot(choice, e) * gates[..., None], axis=1)
+        chosen = jax.nn.one_hot(choice, e)  # [P, k, E]
+        routed = jnp.sum(chosen, axis=1)  # [P, E]
+        weight = jnp.sum(chosen * gates[..., None], axis=1)
         experts = StackedExperts(e, d, self.hidden_features, name="experts")()
         y, _, _ = expert_parallel.run(_token_choice_local, pool.astype(self.dtype),
                                       {"weight": weight}, experts)
