@@ -68,10 +68,10 @@ class DiTBlock(nn.Module):
             x = mask if self.integration == "direct" else mask * x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.AdaLNModulation(
             6, self.dtype, name="adaLN_modulation")(c)
-        h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
+        h = layers.modulated_layer_norm(x, shift_msa, scale_msa)
         h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
         x = x + gate_msa[:, None] * h.astype(jnp.float32)
-        h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
+        h = layers.modulated_layer_norm(x, shift_mlp, scale_mlp)
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
                              dtype=self.dtype, name="mlp")(h, train)
         x = x + gate_mlp[:, None] * h.astype(jnp.float32)
@@ -212,6 +212,8 @@ class DiT(nn.Module):
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
                           integration=integration, name=f"blocks_{i}")(h, c, mask, train)
             h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+            if not layers.EXPERIMENT.get("nobarrier"):
+                h = layers.materialize(h)
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)
         return self.unpatchify(h)

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switch_dit_jax.models import attention
+
 Dtype = Any
+EXPERIMENT = {}
 
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
@@ -27,16 +30,75 @@ def logical(init, names: Sequence[str | None]):
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+class Dense(nn.Dense):
+    """nn.Dense applied to the inputs flattened to [N, D_in].
+
+    XLA:CPU differentiates a dot_general with several batch-like leading dimensions through a
+    transposed copy of the activations, which it fuses with (and so recomputes) their whole
+    producer chain; on [N, D] the gradient is a plain matrix product.
+    """
+
+    def __call__(self, inputs):
+        if EXPERIMENT.get("dense3d"):
+            return super().__call__(inputs)
+        lead = inputs.shape[:-1]
+        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return out.reshape(*lead, self.features)
+
+
 def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
           kernel_init=xavier_uniform, name: str | None = None) -> nn.Dense:
     """A Linear with torch-style xavier init (fan_in, fan_out of the 2-D weight) and zero bias."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=logical(kernel_init, names),
-                    bias_init=logical(zeros, names[1:]), name=name)
+    return Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=logical(kernel_init, names),
+                 bias_init=logical(zeros, names[1:]), name=name)
+
+
+def _identity_branches(x, pred):
+    return jax.lax.cond(pred, lambda v: v, lambda v: v * 1.0, x)
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+    """The identity, whose value and cotangent XLA must compute once and store."""
+    return _identity_branches(x, jnp.isfinite(x.reshape(-1)[0]))
+
+
+materialize.defvjp(
+    lambda x: (_identity_branches(x, jnp.isfinite(x.reshape(-1)[0])), None),
+    lambda _, g: (_identity_branches(g, jnp.isfinite(g.reshape(-1)[0])),))
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _norm_stats(x):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + 1e-6)
+    return (x - mean) * rstd, rstd
+
+
+@jax.custom_vjp
+def modulated_layer_norm(x, shift, scale):
+    """modulate(layer_norm(x), shift, scale) with a two-pass backward."""
+    return modulate(_norm_stats(x)[0], shift, scale)
+
+
+def _mln_fwd(x, shift, scale):
+    xhat, rstd = _norm_stats(x)
+    return modulate(xhat, shift, scale), (xhat, rstd, scale)
+
+
+def _mln_bwd(res, dy):
+    xhat, rstd, scale = res
+    g = dy * (1 + scale[:, None, :])
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, dy.sum(1), (dy * xhat).sum(1)
+
+
+modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
 
 
 def layer_norm(x: jax.Array) -> jax.Array:
@@ -139,7 +201,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim])."""
     num_heads: int
     dtype: Dtype = jnp.float32
-    implementation: str | None = None  # None (XLA picks), "xla" or "cudnn"
+    implementation: str = "xla"  # "xla" | "cudnn": see models/attention.py
 
     @nn.compact
     def __call__(self, x):
@@ -147,7 +209,10 @@ class Attention(nn.Module):
         qkv = dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
         qkv = qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        if EXPERIMENT.get("dpa"):
+            out = jax.nn.dot_product_attention(q, k, v)
+        else:
+            out = attention.multi_head_attention(q, k, v, self.implementation)
         return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, d))
 
 
