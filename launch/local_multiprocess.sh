@@ -17,6 +17,8 @@ LOG_DIR=${LOG_DIR:-$WORKDIR/logs}
 PYTHON=${PYTHON:-python3}
 PORT=${PORT:-}
 DRY_RUN=${DRY_RUN:-0}
+# Seconds the others get to exit by themselves after one process failed, before SIGKILL.
+STOP_GRACE_S=${STOP_GRACE_S:-20}
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -24,6 +26,7 @@ die() { echo "error: $*" >&2; exit 2; }
     die "NUM_PROCESSES=$NUM_PROCESSES must be a positive integer."
 [[ $DEVICES_PER_PROCESS =~ ^[1-9][0-9]*$ ]] ||
     die "DEVICES_PER_PROCESS=$DEVICES_PER_PROCESS must be a positive integer."
+[[ $STOP_GRACE_S =~ ^[0-9]+$ ]] || die "STOP_GRACE_S=$STOP_GRACE_S must be a number of seconds."
 cd "$(dirname "$0")/.."  # relative CONFIG / WORKDIR paths are the repository's
 [[ -f $CONFIG ]] || die "CONFIG=$CONFIG does not exist; pass a file under configs/."
 
@@ -85,10 +88,13 @@ done
 tail -n +1 -f "$LOG_DIR/process_0.log" &
 tail_pid=$!
 
-# A process that dies leaves the others blocked in a collective until jax's heartbeat timeout
-# (minutes); stop them at once instead.
+# A process that dies leaves the others blocked in a collective; they notice the lost peer and
+# exit within seconds (switch_dit_jax.train.peers, jax's heartbeat timeout). Tell them at once
+# too, and SIGKILL any that is still there STOP_GRACE_S seconds later.
 codes=()
 first_failed=
+failed_at=
+killed=
 while :; do
     running=0
     for i in "${!pids[@]}"; do
@@ -102,10 +108,17 @@ while :; do
         codes[i]=$code
         if ((code != 0)) && [[ -z $first_failed ]]; then
             first_failed=$i
+            failed_at=$SECONDS
             kill -TERM "${pids[@]}" 2>/dev/null || true
         fi
     done
     ((running == 0)) && break
+    if [[ -n $failed_at && -z $killed ]] && ((SECONDS - failed_at >= STOP_GRACE_S)); then
+        echo "local_multiprocess.sh: $running process(es) still running ${STOP_GRACE_S}s after" \
+             "process $first_failed failed; killing them" >&2
+        kill -KILL "${pids[@]}" 2>/dev/null || true
+        killed=1
+    fi
     sleep 1 || true  # Ctrl-C kills the sleep too; the trap has passed SIGTERM on
 done
 kill "$tail_pid" 2>/dev/null || true

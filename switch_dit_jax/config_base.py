@@ -24,8 +24,7 @@ def get_base_config() -> ConfigDict:
     c.model.learn_sigma = True        # predict the variance too (IDDPM hybrid loss mse + vb)
     c.model.mlp_ratio = 4.0           # FFN width / model width
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
-    c.model.attention_impl = None     # None (XLA picks) | "xla" | "cudnn"
-    c.model.remat = False             # recompute blocks in the backward pass to save memory
+    c.model.attention_impl = "auto"   # "auto" (cuDNN flash on GPU in 16-bit, else XLA) | "xla" | "cudnn"
     c.model.routing = ConfigDict()    # task routing (DTR / R-TR / Switch-DiT)
     c.model.routing.kind = "none"     # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT)
     c.model.routing.num_tasks = 1000  # T: one task per training timestep
@@ -101,6 +100,17 @@ def get_base_config() -> ConfigDict:
     c.train.keep_checkpoints = 3     # how many recent checkpoints to keep
     c.train.async_checkpointing = True  # write checkpoints in the background
     c.train.sample_every = 10_000    # steps between EMA sample grids (0 = never)
+    # A step whose loss or gradient norm is NaN/inf: "stop" (the run ends, naming the step and
+    # the last finite checkpoint), "skip" (that update is dropped) or "warn" (log, go on).
+    # A non-finite state is never saved, whatever this says.
+    c.train.nonfinite = "stop"
+    # Recompute blocks in the backward pass to save memory: "none" | "full" | "dots_saveable"
+    # (keep the matmul outputs, recompute the elementwise work).
+    c.train.remat_policy = "none"
+    c.train.profile_steps = ""       # jax.profiler trace of these steps, e.g. "20-25" ("" = none)
+    # Persistent XLA compilation cache, so that a restarted job does not compile again:
+    # "workdir" = <workdir>/compilation_cache, "" = off, or a directory of its own.
+    c.train.compilation_cache = "workdir"
 
     c.sample = ConfigDict()
     c.sample.num_samples = 64      # images per sample grid / --mode=sample
@@ -111,6 +121,12 @@ def get_base_config() -> ConfigDict:
     c.sample.atol = 1e-6           # dopri5 absolute tolerance (flow)
     c.sample.rtol = 1e-3           # dopri5 relative tolerance (flow)
     c.sample.cfg_scale = 4.0       # classifier-free guidance scale (1 = none)
+    # Channels guided (0 = all; 3 = facebookresearch/DiT and DiffMoE-DDPM, whose samplers
+    # guide only the first 3 latent channels; the rest come from the conditional pass).
+    c.sample.cfg_channels = 0
+    # "separate": conditional and unconditional batches in two model calls (official DiffMoE:
+    # its experts then rank each half's tokens on their own); "joint": one doubled batch.
+    c.sample.cfg_pool = "separate"
     c.sample.labels = ""           # comma-separated class labels ("" = cycle through classes)
     c.sample.clip_denoised = False  # clip predicted x0 to [-1, 1] (True for pixel data)
     c.sample.seed = 0              # sampling seed
@@ -145,13 +161,16 @@ def load_config(path: str, overrides: dict | None = None) -> ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
+    from switch_dit_jax.config_fields import unknown_field_message
     for dotted, value in (overrides or {}).items():
+        message = unknown_field_message(config, dotted)
+        if message:  # a ConfigError (a ValueError) with the nearest known name
+            from switch_dit_jax.errors import ConfigError
+            raise ConfigError(message)
         *parents, leaf = dotted.split(".")
         node = config
         for p in parents:
             node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config has no field {dotted!r}.")
         node[leaf] = value
     return config
 

@@ -21,8 +21,9 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from switch_dit_jax import parallel
-from switch_dit_jax.diffusion.flow import RectifiedFlow, cfg_velocity_fn
-from switch_dit_jax.diffusion.gaussian import GaussianDiffusion, cfg_model_fn
+from switch_dit_jax.diffusion.flow import RectifiedFlow
+from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
+from switch_dit_jax.diffusion.guidance import guided_fn
 from switch_dit_jax.train.state import model_params
 from switch_dit_jax.validation import parse_labels
 
@@ -73,8 +74,8 @@ def make_sample_fn(model: nn.Module, config, on_capacity=None):
         apply_fn = model_apply_fn(model, params, model_state, on_capacity)
 
         if guided:
-            model_fn = cfg_model_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
-                                    model.learn_sigma)
+            model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
+                                 guided_channels=s.cfg_channels or None, pool=s.cfg_pool)
         else:
             model_fn = lambda x, t: apply_fn(x, t, labels)  # noqa: E731
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
@@ -95,7 +96,9 @@ def _flow_sample_fn(model: nn.Module, config, guided: bool, on_capacity=None):
         apply_fn = model_apply_fn(model, params, model_state, on_capacity)
 
         if guided:
-            model_fn = cfg_velocity_fn(apply_fn, labels, model.num_classes, s.cfg_scale)
+            model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
+                                 guided_channels=s.cfg_channels or None, pool=s.cfg_pool,
+                                 out_channels=model.in_channels)
         else:
             model_fn = lambda x, t: apply_fn(x, t, labels)  # noqa: E731
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)

@@ -1,31 +1,27 @@
-"""Config validation before any work: each mistake is one sentence naming the field."""
+"""Config validation before any work: each mistake is one sentence naming the field.
+
+`config_fields.check_fields` checks each field alone (type, range, unknown names); this module
+adds what relates fields to each other, to the devices (the mesh against every sharded
+parameter dimension), to the files they name, and to the --workdir.
+"""
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 
-from switch_dit_jax import parallel
+from switch_dit_jax import config_fields, files, parallel
 from switch_dit_jax.diffusion.gaussian import SCHEDULES
 from switch_dit_jax.diffusion.weighting import WEIGHTINGS
+from switch_dit_jax.errors import BadFileError, ConfigError
 from switch_dit_jax.models import resolve_model_config
 
-OBJECTIVES = ("gaussian", "flow")
-DATASETS = ("digits", "latents", "tfds")
 SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "dopri5")}
-
-
-class ConfigError(ValueError):
-    """A config value a user must change; the message names the field and the fix."""
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def _positive_int(section, name: str, value, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-           f"config.{section}.{name}={value!r} must be an integer >= {low}.")
 
 
 def parse_labels(text: str, num_classes: int) -> list[int]:
@@ -45,18 +41,19 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
 
 def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     """Raise ConfigError for the first invalid field of `config`."""
+    config_fields.check_fields(config)
     try:
         model = resolve_model_config(config.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
+    width = int(model["hidden_size"] * model["mlp_ratio"])
+    _check(width >= 1, f"config.model.mlp_ratio={model['mlp_ratio']} gives an FFN width of "
+                       f"{width} for model.hidden_size={model['hidden_size']}; use a ratio "
+                       f"of at least {1 / model['hidden_size']:.3g} (DiT uses 4.0).")
+    ffn = model["ffn"]
     d = config.diffusion
-    _check(d.objective in OBJECTIVES,
-           f"config.diffusion.objective={d.objective!r}; use one of {list(OBJECTIVES)}.")
     _check(d.schedule in SCHEDULES,
            f"config.diffusion.schedule={d.schedule!r}; use one of {list(SCHEDULES)}.")
-    _check(isinstance(d.num_timesteps, int) and d.num_timesteps >= 2,
-           f"config.diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2.")
 
     routing = model["routing"]
     if routing["kind"] != "none":
@@ -70,20 +67,19 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     loss = config.loss
     _check(loss.weighting in WEIGHTINGS,
            f"config.loss.weighting={loss.weighting!r}; use one of {list(WEIGHTINGS)}.")
-    _check(loss.prior_weight >= 0 and loss.load_balance_weight >= 0,
-           "config.loss.prior_weight and config.loss.load_balance_weight must be >= 0.")
     _check(d.objective == "gaussian" or loss.weighting == "constant",
            f"config.loss.weighting={loss.weighting!r} is defined for the Gaussian objective; "
            "use 'constant' with diffusion.objective='flow'.")
     if loss.weighting == "ant_uw":
-        _positive_int("loss", "uw_clusters", loss.uw_clusters)
+        _check(loss.uw_clusters <= d.num_timesteps,
+               f"config.loss.uw_clusters={loss.uw_clusters} exceeds diffusion.num_timesteps="
+               f"{d.num_timesteps}; every cluster needs at least one timestep.")
         _check(config.train.global_batch_size % loss.uw_clusters == 0,
                f"config.train.global_batch_size={config.train.global_batch_size} is not "
                f"divisible by config.loss.uw_clusters={loss.uw_clusters} (ANT-UW draws the "
                "same number of timesteps from every cluster).")
 
     data = config.data
-    _check(data.name in DATASETS, f"config.data.name={data.name!r}; use one of {list(DATASETS)}.")
     if data.name in ("latents", "tfds"):
         _check(bool(data.dir), f"config.data.dir is empty but data.name={data.name!r} needs it; "
                                "pass --config.data.dir=/path/to/data.")
@@ -95,58 +91,56 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
         _check(model["num_classes"] in (1, 10),
                f"the digits have 10 classes but config.model.num_classes="
                f"{model['num_classes']}; use 10 (or 1 for unconditional).")
-    _positive_int("data", "num_workers", data.num_workers, allow_zero=True)
 
     t = config.train
-    _positive_int("train", "global_batch_size", t.global_batch_size)
-    _positive_int("train", "num_steps", t.num_steps, allow_zero=True)
-    _positive_int("train", "warmup_steps", t.warmup_steps, allow_zero=True)
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive_int("train", name, t[name])
-    _positive_int("train", "sample_every", t.sample_every, allow_zero=True)
-    _check(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0.")
-    _check(0.0 <= t.ema_decay <= 1.0, f"config.train.ema_decay={t.ema_decay} must be in [0, 1].")
-    _check(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay} must be >= 0.")
-    _check(t.grad_clip_norm >= 0,
-           f"config.train.grad_clip_norm={t.grad_clip_norm} must be >= 0 (0 = no clipping).")
+    from switch_dit_jax.train.runtime import parse_profile_steps
+    try:
+        parse_profile_steps(t.get("profile_steps", ""))
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None  # runtime names it train.profile_steps
 
     s = config.sample
     samplers = SAMPLERS[d.objective]
     _check(s.sampler in samplers, f"config.sample.sampler={s.sampler!r} does not fit "
                                   f"diffusion.objective={d.objective!r}; use one of "
                                   f"{list(samplers)}.")
-    _positive_int("sample", "num_samples", s.num_samples)
-    _positive_int("sample", "batch_size", s.batch_size)
-    _positive_int("sample", "num_steps", s.num_steps)
     _check(d.objective == "flow" or s.num_steps <= d.num_timesteps,
            f"config.sample.num_steps={s.num_steps} exceeds diffusion.num_timesteps="
            f"{d.num_timesteps}.")
-    _check(s.cfg_scale >= 0, f"config.sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = none).")
     parse_labels(s.labels, model["num_classes"])
+    _check(s.get("cfg_channels", 0) <= model["in_channels"],
+           f"config.sample.cfg_channels={s.get('cfg_channels')} exceeds the "
+           f"{model['in_channels']} channels of the model input (model.in_channels); use 0 "
+           "(all) or a number up to it.")
 
     if "eval" in config and config.eval.eval_every:
         e = config.eval
-        _positive_int("eval", "eval_every", e.eval_every)
-        _positive_int("eval", "num_samples", e.num_samples)
         if data.name != "digits":
             for name in ("reference_npz", "inception_weights"):
-                _check(bool(e[name]) and os.path.isfile(os.path.expanduser(e[name])),
+                path = os.path.expanduser(e[name])
+                _check(bool(e[name]) and os.path.isfile(path),
                        f"config.eval.{name}={e[name]!r} is not a file, but eval.eval_every="
                        f"{e.eval_every} needs it for FID on {data.name!r} data; set it or set "
                        "eval.eval_every=0.")
+                try:
+                    files.NpzFile(path, f"config.eval.{name}").close()  # the zip directory
+                except BadFileError as err:
+                    raise ConfigError(str(err)) from None
 
     if "vae" in config:
         from switch_dit_jax import vae  # reads only the weights file's header
         try:
             vae.check_config(config)
-        except (ValueError, FileNotFoundError) as e:
+        except (BadFileError, FileNotFoundError) as e:
+            raise ConfigError(f"config.vae.weights: {e}") from None
+        except ValueError as e:
             raise ConfigError(str(e)) from None
 
     try:
-        expert_devices = parallel.mesh_shape(config.mesh, num_devices)[2]
+        sizes = parallel.mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from None
-    ffn = model["ffn"]
+    expert_devices = sizes[2]
     _check(ffn["kind"] == "mlp" or ffn["num_experts"] % expert_devices == 0,
            f"config.mesh.expert={expert_devices} does not divide model.ffn.num_experts="
            f"{ffn['num_experts']}; experts are split evenly over the expert axis, so use a "
@@ -157,3 +151,72 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(t.global_batch_size % process_count == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{process_count} processes; use a multiple of {process_count}.")
+    _check(ffn["kind"] == "mlp" or ffn["first"] < model["depth"],
+           f"config.model.ffn.first={ffn['first']} is not a block of the model.depth="
+           f"{model['depth']} blocks, so no block would get a {ffn['kind']!r} mixture; use a "
+           f"value in [0, {model['depth']}).")
+    check_parameter_sharding(config, sizes)
+
+
+def check_parameter_sharding(config, sizes) -> None:
+    """Every parameter dimension with a sharded logical axis must divide by its mesh axes.
+
+    Works on shapes only (`jax.eval_shape` of the initialisation), so even DiT-XL costs no
+    memory; skipped when no mesh axis that shards parameters is larger than 1.
+    """
+    sizes = dict(zip(parallel.MESH_AXES, sizes))
+    if all(sizes[a] == 1 for a in ("fsdp", "expert")):
+        return
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from switch_dit_jax.models import build_model
+
+    model = build_model(config.model)
+    s = model.input_size
+    boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, s, s, model.in_channels)),
+                                                jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)),
+                           jax.random.PRNGKey(0))
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]:
+        if not is_box(leaf):
+            continue
+        spec = nn.logical_to_mesh_axes(leaf.names, parallel.LOGICAL_RULES)
+        for dim, (size, axes) in enumerate(zip(leaf.value.shape, spec)):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            split = math.prod(sizes[a] for a in axes)
+            if size % split:
+                name = "/".join(str(getattr(k, "key", k)) for k in path[1:])
+                field = " x ".join(f"config.mesh.{a}={sizes[a]}" for a in axes)
+                raise ConfigError(
+                    f"{field} does not divide dimension {dim} (size {size}, logical axis "
+                    f"{leaf.names[dim]!r}) of parameter {name} {tuple(leaf.value.shape)}; "
+                    f"use a mesh size that divides {size}.")
+
+
+def check_workdir(workdir: str, create: bool = True) -> str:
+    """The absolute --workdir, after making sure it is (or can become) a writable directory.
+
+    `create=False` (sampling, evaluation: they read a trained run) leaves a missing directory
+    to the caller, which names what it looked for.
+    """
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
+                          "(a missing one is created).")
+    if not os.path.exists(path):
+        if not create:
+            return path
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror or e}); pass "
+                              "a directory this user can create or write to.") from None
+    try:  # os.access is not enough: it says yes on read-only mounts and to root
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a "
+                          "directory this user can write to.") from None
+    return path

@@ -10,18 +10,18 @@ def _linear(sd, name, x):
     return x @ sd[name + ".weight"].T + sd[name + ".bias"]
 
 
-def _silu(x):
-    return x / (1 + np.exp(-x))
+def _silu(x, xp=np):
+    return x / (1 + xp.exp(-x))
 
 
-def _gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+def _gelu_tanh(x, xp=np):
+    return 0.5 * x * (1 + xp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _layer_norm(x):
+def _layer_norm(x, xp=np):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + 1e-6)
+    return (x - mu) / xp.sqrt(var + 1e-6)
 
 
 def _modulate(x, shift, scale):
@@ -41,8 +41,12 @@ def pos_embed(embed_dim, grid_size):
     return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], 1)
 
 
-def forward(sd, x, t, y, depth, num_heads, patch, out_channels):
-    """x: [N, C, H, W] -> [N, out_channels, H, W]."""
+def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np):
+    """x: [N, C, H, W] -> [N, out_channels, H, W].
+
+    `xp` is the array module: NumPy, or jax.numpy to differentiate this forward by plain
+    autodiff (tests compare the package's hand-written backward passes against that).
+    """
     n, c_in, h, w = x.shape
     p, g = patch, h // patch
     weight, bias = sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"]
@@ -51,10 +55,10 @@ def forward(sd, x, t, y, depth, num_heads, patch, out_channels):
 
     half = 128
     # float32 as in the official code: at t ~ 1000 the phase error is part of the model.
-    freqs = np.exp(-np.float32(np.log(10000)) * np.arange(half, dtype=np.float32) / half)
+    freqs = xp.exp(-np.float32(np.log(10000)) * xp.arange(half, dtype=np.float32) / half)
     args = t[:, None].astype(np.float32) * freqs[None]
-    temb = np.concatenate([np.cos(args), np.sin(args)], -1)
-    temb = _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", temb)))
+    temb = xp.concatenate([xp.cos(args), xp.sin(args)], -1)
+    temb = _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", temb), xp))
     c = temb
     if "y_embedder.embedding_table.weight" in sd:
         c = c + sd["y_embedder.embedding_table.weight"][y]
@@ -63,23 +67,23 @@ def forward(sd, x, t, y, depth, num_heads, patch, out_channels):
     hd = d // num_heads
     for i in range(depth):
         b = f"blocks.{i}."
-        mods = np.split(_linear(sd, b + "adaLN_modulation.1", _silu(c)), 6, axis=1)
+        mods = xp.split(_linear(sd, b + "adaLN_modulation.1", _silu(c, xp)), 6, axis=1)
         sh1, sc1, g1, sh2, sc2, g2 = mods
-        a = _modulate(_layer_norm(tok), sh1, sc1)
+        a = _modulate(_layer_norm(tok, xp), sh1, sc1)
         qkv = _linear(sd, b + "attn.qkv", a).reshape(n, -1, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
         att = q @ k.transpose(0, 1, 3, 2)
-        att = np.exp(att - att.max(-1, keepdims=True))
+        att = xp.exp(att - att.max(-1, keepdims=True))
         att = att / att.sum(-1, keepdims=True)
         a = (att @ v).transpose(0, 2, 1, 3).reshape(n, -1, d)
         tok = tok + g1[:, None] * _linear(sd, b + "attn.proj", a)
-        m = _modulate(_layer_norm(tok), sh2, sc2)
-        m = _linear(sd, b + "mlp.fc2", _gelu_tanh(_linear(sd, b + "mlp.fc1", m)))
+        m = _modulate(_layer_norm(tok, xp), sh2, sc2)
+        m = _linear(sd, b + "mlp.fc2", _gelu_tanh(_linear(sd, b + "mlp.fc1", m), xp))
         tok = tok + g2[:, None] * m
-    shift, scale = np.split(_linear(sd, "final_layer.adaLN_modulation.1", _silu(c)), 2, axis=1)
-    out = _linear(sd, "final_layer.linear", _modulate(_layer_norm(tok), shift, scale))
+    shift, scale = xp.split(_linear(sd, "final_layer.adaLN_modulation.1", _silu(c, xp)), 2, axis=1)
+    out = _linear(sd, "final_layer.linear", _modulate(_layer_norm(tok, xp), shift, scale))
     out = out.reshape(n, g, g, p, p, out_channels)
-    return np.einsum("nhwpqc->nchpwq", out).reshape(n, out_channels, g * p, g * p)
+    return xp.einsum("nhwpqc->nchpwq", out).reshape(n, out_channels, g * p, g * p)
 
 
 def official_shapes(depth, hidden, in_ch, patch, num_classes, learn_sigma, input_size):

@@ -158,7 +158,8 @@ def test_fingerprint_fields():
     for key in fp:
         assert not key.startswith(("mesh.", "sample.")), key
     for key in ("train.num_steps", "train.log_every", "train.checkpoint_every",
-                "data.num_workers", "model.remat", "train.learning_rate"):
+                "data.num_workers", "model.attention_impl", "train.remat_policy",
+                "train.learning_rate"):
         assert key not in fp
 
 
@@ -184,7 +185,8 @@ def test_config_mismatch_is_one_clear_error_and_harmless_changes_pass(tmp_path):
     cfg.train.log_every = 3
     cfg.data.num_workers = 0
     cfg.sample.cfg_scale = 1.5
-    cfg.model.remat = True
+    cfg.model.attention_impl = "xla"
+    cfg.train.remat_policy = "full"
     with Checkpointer(str(tmp_path), cfg, max_to_keep=1) as ck:
         assert_bitwise_equal(ck.restore(abstract, replicated(), iter(make_loader())), make_state(1))
         assert ck.saved_config()["config"]["train"]["num_steps"] == 400_000
@@ -361,3 +363,34 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
         ckpt.wait()
         assert ckpt.latest_step() == 3
     assert (tmp_path / "runs" / "relative" / "checkpoints" / "3").is_dir()
+
+
+def test_a_nonfinite_state_is_never_saved(tmp_path):
+    from switch_dit_jax.train.guard import NonFiniteStateError
+    state = make_state(2)
+    bad = state.replace(ema_params=jax.tree.map(lambda x: x.at[0].set(jnp.inf), state.ema_params))
+    with Checkpointer(str(tmp_path), make_config(), max_to_keep=2) as ck:
+        with pytest.raises(NonFiniteStateError, match="step 2: its ema_params hold NaN or inf"):
+            ck.save(2, bad, iter(make_loader()), force=True)
+        assert ck.all_steps() == []
+        assert ck.save(2, state, iter(make_loader()), force=True)
+
+
+def test_a_checkpoint_moved_aside_does_not_count_for_keep_n(tmp_path):
+    """Step 4 is broken: the trainer restores 2, moves 4 to corrupt/, and keep-2 then keeps
+    2 and the new 6 (a counted 4 would have rotated the last intact checkpoint out)."""
+    abstract = jax.eval_shape(lambda: make_state(0))
+    with Checkpointer(str(tmp_path), make_config(), max_to_keep=2) as ck:
+        for step in (2, 4):
+            ck.save(step, make_state(step), iter(make_loader()), force=True)
+    manifest = tmp_path / "checkpoints" / "4" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])
+    with Checkpointer(str(tmp_path), make_config(), max_to_keep=2) as ck:
+        step, state = ck.restore_newest_intact(abstract, replicated(), move_corrupt=True)
+        assert step == 2
+        assert_bitwise_equal(state, make_state(2))
+        ck.save(6, make_state(6), iter(make_loader()), force=True)
+        ck.wait()
+        assert ck.all_steps() == [2, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "6", "corrupt"]
+    assert os.listdir(tmp_path / "checkpoints" / "corrupt") == ["4"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_dit_jax.diffusion.flow import RectifiedFlow, cfg_velocity_fn
+from switch_dit_jax.diffusion.flow import RectifiedFlow
 
 FLOW = RectifiedFlow()
 
@@ -163,37 +163,6 @@ def test_exact_gaussian_velocity_transports_noise_to_data():
     heun = np.asarray(FLOW.sample(gaussian_optimal_velocity, z.shape, None, method="heun",
                                   num_steps=50, noise=z))
     np.testing.assert_allclose(heun, MU + S * np.asarray(z), atol=2e-3)
-
-
-# ----------------------------------------------------------------------------- CFG
-W = jnp.array([0.5, -1.0, 2.0, 0.0])  # per-class gain; class 3 is the null label
-
-
-def toy_apply(x, t, y, calls=None):
-    if calls is not None:
-        calls.append(x.shape[0])
-    return W[y][:, None] * x + t[:, None] * (y[:, None] + 1.0)
-
-
-@pytest.mark.parametrize("batched", [True, False])
-def test_cfg_velocity(batched):
-    x = jax.random.normal(jax.random.PRNGKey(2), (3, 2))
-    t = jnp.array([0.1, 0.5, 0.9])
-    y = jnp.array([0, 1, 2])
-    v_c, v_u = toy_apply(x, t, y), toy_apply(x, t, jnp.full((3,), 3))
-    calls = []
-    apply = lambda x, t, y: toy_apply(x, t, y, calls)  # noqa: E731
-    np.testing.assert_allclose(cfg_velocity_fn(apply, y, 3, 1.0, batched)(x, t), v_c,
-                               rtol=1e-6, atol=1e-6)
-    assert calls == ([6] if batched else [3, 3])
-    for s in (0.0, 1.5, 4.0):
-        want = np.asarray(v_u) + s * (np.asarray(v_c) - np.asarray(v_u))
-        np.testing.assert_allclose(cfg_velocity_fn(apply, y, 3, s, batched)(x, t), want,
-                                   rtol=1e-5, atol=1e-5)
-    # 2C outputs (learn_sigma models): guidance uses the first C channels only.
-    apply2 = lambda x, t, y: jnp.concatenate([toy_apply(x, t, y), 0 * x + 9], -1)  # noqa: E731
-    np.testing.assert_allclose(cfg_velocity_fn(apply2, y, 3, 1.5, batched)(x, t),
-                               v_u + 1.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import norm
 
 from switch_dit_jax.diffusion.gaussian import (
-    GaussianDiffusion, approx_standard_normal_cdf, cfg_model_fn)
+    GaussianDiffusion, approx_standard_normal_cdf)
 from switch_dit_jax.diffusion.respace import space_timesteps
 
 T = 1000
@@ -354,29 +354,3 @@ def test_progress_and_scan_paths_agree(loop, capsys):
     # Bit-identical on CPU; the tolerance only leaves room for XLA fusing the scan body
     # differently from the standalone jitted step on other backends.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- guidance
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_cfg_model_fn(learn_sigma):
-    c = 3
-
-    def apply_fn(x, t, y):
-        yy = y[:, None, None, None].astype(jnp.float32)
-        tt = t[:, None, None, None].astype(jnp.float32)
-        eps = x * (1 + yy) + 0.01 * tt
-        return jnp.concatenate([eps, x * yy - tt], -1) if learn_sigma else eps
-
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, c))
-    t = jnp.array([1, 5, 9, 999])
-    y = jnp.array([0, 3, 7, 2])
-    null = 10
-    cond = np.asarray(apply_fn(x, t, y))
-    unc = np.asarray(apply_fn(x, t, jnp.full((4,), null)))
-    np.testing.assert_allclose(np.asarray(cfg_model_fn(apply_fn, y, null, 1.0, learn_sigma)(x, t)),
-                               cond, rtol=1e-6, atol=1e-6)
-    s = 4.0
-    got = np.asarray(cfg_model_fn(apply_fn, y, null, s, learn_sigma)(x, t))
-    want = cond.copy()
-    want[..., :c] = unc[..., :c] + s * (cond[..., :c] - unc[..., :c])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

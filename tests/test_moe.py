@@ -220,3 +220,18 @@ def test_inference_benchmark_runs_and_its_variants_agree(tmp_path):
     assert result["max_abs_difference"] < 1e-6
     assert result["max_K"] == 16 and result["bucket"] == 16  # 2 x pool / E of a 32-token pool
     assert result["C_infer"] == pytest.approx(1.25, abs=0.1)
+
+
+def test_token_choice_balance_loss_is_summed_over_layers():
+    """DiffMoE Table 3's TC-DiT: the official code adds α·E·Σ_e P_e f_e of every layer."""
+    from switch_dit_jax.train.step import mixture_losses
+    rng = np.random.default_rng(0)
+    aux, want = {}, 0.0
+    for i in (1, 3, 5):
+        p = rng.dirichlet(np.ones(8))
+        f = rng.dirichlet(np.ones(8))
+        aux[f"blocks_{i}"] = {"mlp": {"balance_probs": (jnp.asarray(p),),
+                                      "balance_fraction": (jnp.asarray(f),)}}
+        want += 8 * np.sum(p * f)
+    got = float(mixture_losses(aux, 6)["load_balance_loss"])
+    assert got == pytest.approx(want, rel=1e-6)

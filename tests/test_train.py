@@ -159,9 +159,15 @@ def test_main_end_to_end_writes_checkpoint_metrics_samples(tmp_path):
     cmd = [sys.executable, "-m", "switch_dit_jax.main", f"--config={QUICKSTART}",
            f"--workdir={workdir}"] + cli_overrides(**{"train.sample_every": 3,
                                                       "eval.eval_every": 6,
-                                                      "eval.num_samples": 16})
+                                                      "eval.num_samples": 16,
+                                                      "train.profile_steps": "2-3"})
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    # The profiler trace of steps 2-3 and the persistent compilation cache (on by default).
+    traces = [f for _, _, fs in os.walk(os.path.join(workdir, "profile")) for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
+    assert "profile of steps 2-3 written" in out.stderr
+    assert os.listdir(os.path.join(workdir, "compilation_cache"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert sorted(metrics_by_step(workdir)) == [1, 2, 3, 4, 5, 6]
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

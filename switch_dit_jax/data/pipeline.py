@@ -16,6 +16,7 @@ import numpy as np
 import grain.python as grain
 
 from switch_dit_jax.data.sources import _field, make_source
+from switch_dit_jax.errors import ConfigError
 
 
 class AugmentTransform(grain.RandomMapTransform):
@@ -45,7 +46,8 @@ class AugmentTransform(grain.RandomMapTransform):
 
 def _check_seed(seed) -> int:
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"data.seed={seed!r} must be an integer in [0, 2**32) (grain's limit).")
+        raise ConfigError(f"config.data.seed={seed!r} must be an integer in [0, 2**32) (grain's "
+                          "limit).")
     return int(seed)
 
 
@@ -71,7 +73,8 @@ def make_train_loader(data_config, global_batch_size: int, process_index: int = 
     seed = _check_seed(_field(data_config, "seed", 0) if seed is None else seed)
     workers = _field(data_config, "num_workers", 0) or 0
     if not isinstance(workers, (int, np.integer)) or workers < 0:
-        raise ValueError(f"data.num_workers={workers!r} must be an integer >= 0 (0 = in-process).")
+        raise ConfigError(f"config.data.num_workers={workers!r} must be an integer >= 0 (0 = "
+                          "in-process).")
 
     if workers and not flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside absl.app.run (pytest, notebooks)
@@ -82,9 +85,10 @@ def make_train_loader(data_config, global_batch_size: int, process_index: int = 
     local_batch = global_batch_size // process_count
     shard_size = len(source) // process_count  # drop_remainder=True: equal shards
     if local_batch > shard_size:
-        raise ValueError(f"global_batch_size={global_batch_size} gives {local_batch} records per "
-                         f"process, more than each process's shard ({shard_size} of {len(source)} "
-                         f"records over {process_count} processes); lower the batch size.")
+        raise ConfigError(f"config.train.global_batch_size={global_batch_size} gives "
+                          f"{local_batch} records per process, more than each process's shard "
+                          f"({shard_size} of {len(source)} records over {process_count} "
+                          "processes); lower the batch size.")
 
     is_latent = _field(data_config, "name") == "latents"
     latent_scale = None

@@ -28,6 +28,8 @@ from PIL import Image
 
 import grain.python as grain
 
+from switch_dit_jax.errors import BadFileError
+
 LATENT_MAGIC = b"SDL1"
 _HEADER = struct.Struct("<4s5i")
 DATA_NAMES = ("digits", "latents", "tfds")
@@ -79,11 +81,17 @@ def encode_latent_record(mean, std, label: int, num_classes: int = 0) -> bytes:
 
 
 def decode_latent_record(record: bytes) -> dict:
+    if len(record) < _HEADER.size:
+        raise ValueError(f"record has {len(record)} bytes, fewer than the {_HEADER.size}-byte "
+                         "latent header: not a latent shard written by LatentShardWriter.")
     magic, h, w, c, label, num_classes = _HEADER.unpack_from(record, 0)
     if magic != LATENT_MAGIC:
         raise ValueError(f"record starts with {magic!r}, not {LATENT_MAGIC!r}: not a latent shard "
                          "written by switch_dit_jax.data.sources.LatentShardWriter.")
     n = h * w * c
+    if min(h, w, c) < 1 or len(record) != _HEADER.size + 8 * n:
+        raise ValueError(f"record has {len(record)} bytes but its header announces float32 "
+                         f"mean and std of shape ({h}, {w}, {c}): the record is damaged.")
     flat = np.frombuffer(record, dtype="<f4", count=2 * n, offset=_HEADER.size)
     return {
         "mean": flat[:n].reshape(h, w, c).astype(np.float32),
@@ -162,8 +170,33 @@ def write_latent_shards(out_dir: str, means, stds, labels, num_shards: int = 1,
     return paths
 
 
+def _shard_records(path: str) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+    try:
+        reader = ArrayRecordReader(path)
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()
+    except RuntimeError as e:
+        raise BadFileError(f"latent shard {path!r} is not a readable ArrayRecord file "
+                           f"({_first_line(e)}); it is truncated or corrupt, so delete it and "
+                           "re-run the extraction, which redoes missing shards.") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "the reader gives no detail"
+
+
 class LatentSource:
-    """Pre-extracted VAE latents from `*.array_record` shards; yields unscaled mean/std/label."""
+    """Pre-extracted VAE latents from `*.array_record` shards; yields unscaled mean/std/label.
+
+    Each record is checked as it is decoded (on the host, in grain's reader threads, at a cost
+    of microseconds next to a train step): a damaged or foreign record, NaN or inf latents, a
+    negative std, a label outside [0, num_classes) or a shape unlike the first record's stop
+    the run with one sentence naming the shard file and the record index in it.
+    """
 
     def __init__(self, data_dir: str):
         if not data_dir or not os.path.isdir(data_dir):
@@ -176,18 +209,65 @@ class LatentSource:
                 f"data.dir={data_dir!r} contains no *.array_record shards; run latent extraction "
                 "into it first (shards still being written end in .tmp and are ignored).")
         self._names = names
-        self._source = grain.ArrayRecordDataSource([os.path.join(data_dir, f) for f in names])
+        self._paths = [os.path.join(data_dir, f) for f in names]
+        # Opening each shard alone names the bad one; grain's source would only say that one is.
+        counts = [_shard_records(p) for p in self._paths]
+        self._starts = np.cumsum([0] + counts)
+        self._source = grain.ArrayRecordDataSource(self._paths)
         if len(self._source) == 0:
             raise ValueError(f"data.dir={data_dir!r} holds only empty shards; re-run latent extraction.")
-        first = decode_latent_record(self._source[0])
+        self.image_shape, self.num_classes = None, None
+        first = self._record(0)
         self.image_shape = tuple(first["mean"].shape)
         self.num_classes = first["num_classes"] or None
+
+    def _where(self, index: int) -> str:
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return f"record {index - int(self._starts[shard])} of latent shard {self._paths[shard]!r}"
+
+    def _record(self, index: int) -> dict:
+        try:
+            raw = self._source[index]
+        except RuntimeError as e:
+            raise BadFileError(f"{self._where(index)} cannot be read ({_first_line(e)}); the shard "
+                               "is corrupt, so delete it and re-run the extraction.") from None
+        try:
+            rec = decode_latent_record(raw)
+        except ValueError as e:
+            raise BadFileError(f"{self._where(index)} is not a latent record "
+                               f"({str(e).rstrip('.')}); delete the shard and re-run the "
+                               "extraction, or move foreign files out of data.dir.") from None
+        problem = self._problem(rec)
+        if problem:
+            raise BadFileError(f"{self._where(index)} {problem}")
+        return rec
+
+    def _problem(self, rec: dict) -> str | None:
+        shape, label, k = rec["mean"].shape, int(rec["label"]), rec["num_classes"]
+        if self.image_shape is not None and shape != self.image_shape:
+            return (f"holds latents of shape {shape} but the first record's are "
+                    f"{self.image_shape}; every shard of data.dir must come from one extraction.")
+        if self.image_shape is not None and (k or None) != self.num_classes:
+            return (f"declares num_classes={k} but the first record "
+                    f"num_classes={self.num_classes or 0}; "
+                    "every shard of data.dir must come from one extraction.")
+        if label < 0 or (k and label >= k):
+            return (f"has label {label}, outside [0, num_classes={k or '?'}) that the shard "
+                    "declares; re-extract it with a label map that covers every class.")
+        for name in ("mean", "std"):
+            bad = ~np.isfinite(rec[name])
+            if bad.any():
+                return (f"holds {int(bad.sum())} NaN or inf value(s) in its latent {name}; "
+                        "the VAE encoding failed there, so re-extract the shard.")
+        if (rec["std"] < 0).any():
+            return "holds a negative latent std; re-extract the shard."
+        return None
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        rec = decode_latent_record(self._source[index])
+        rec = self._record(index)
         return {"mean": rec["mean"], "std": rec["std"], "label": rec["label"]}
 
     def __repr__(self) -> str:

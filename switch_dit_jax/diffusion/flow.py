@@ -75,32 +75,6 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def cfg_velocity_fn(apply_fn, y, null_y, scale, batched: bool = True) -> VelocityFn:
-    """Classifier-free guided ``model_fn(x, t) = v_u + scale·(v_c - v_u)`` from
-    ``apply_fn(x, t, y)``, on the first C output channels.
-
-    ``batched=True`` runs conditional and unconditional inputs as one doubled batch (like
-    ``gaussian.cfg_model_fn``); ``batched=False`` makes two calls of batch B, as the
-    official sampler does. The two agree unless the model couples samples of a batch --
-    DiffMoE's inference routing ranks tokens over the whole batch, so use False to
-    reproduce its numbers exactly.
-    """
-    y = jnp.asarray(y)
-    null_y = jnp.broadcast_to(jnp.asarray(null_y, dtype=y.dtype), y.shape)
-
-    def model_fn(x, t):
-        if batched:
-            out = apply_fn(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0),
-                           jnp.concatenate([y, null_y], 0))
-            cond, uncond = jnp.split(out, 2, axis=0)
-        else:
-            cond, uncond = apply_fn(x, t, y), apply_fn(x, t, null_y)
-        c = x.shape[-1]
-        return uncond[..., :c] + scale * (cond[..., :c] - uncond[..., :c])
-
-    return model_fn
-
-
 class RectifiedFlow:
     """Rectified-flow objective and ODE samplers (module docstring: conventions)."""
 

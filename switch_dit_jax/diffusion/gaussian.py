@@ -68,27 +68,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
                      jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def cfg_model_fn(apply_fn, y, null_y, scale, learn_sigma: bool) -> ModelFn:
-    """Classifier-free guided ``model_fn(x, t)`` from ``apply_fn(x, t, y)``.
-
-    Conditional and unconditional passes share one doubled batch. Unlike DiT's reference
-    code (which guides only the first 3 channels), guidance applies to all C eps channels;
-    the variance channels come from the conditional half.
-    """
-    y = jnp.asarray(y)
-    null_y = jnp.broadcast_to(jnp.asarray(null_y, dtype=y.dtype), y.shape)
-
-    def model_fn(x, t):
-        out = apply_fn(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0),
-                       jnp.concatenate([y, null_y], 0))
-        cond, uncond = jnp.split(out, 2, axis=0)
-        c = x.shape[-1]
-        guided = uncond[..., :c] + scale * (cond[..., :c] - uncond[..., :c])
-        return jnp.concatenate([guided, cond[..., c:]], -1) if learn_sigma else guided
-
-    return model_fn
-
-
 _COEFFICIENTS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
     "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",

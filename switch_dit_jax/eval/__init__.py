@@ -11,13 +11,25 @@ import os
 
 import numpy as np
 
+from switch_dit_jax import files
+
 log = logging.getLogger("switch_dit_jax")
+
+
+def load_network(weights_path: str):
+    """The FID Inception network of a weight file; a truncated, corrupt or pickled file is one
+    sentence naming it (NumPy's own errors name no path)."""
+    from switch_dit_jax.eval import inception
+    if not (os.path.isfile(weights_path) and weights_path.endswith(".npz")):
+        return inception.FIDInception.load(weights_path)  # its sentences for these cases
+    state_dict = files.load_npz(weights_path, "Inception weight file")
+    return inception.FIDInception(inception.params_from_state_dict(
+        state_dict, f"Inception weight file {weights_path!r}"))
 
 
 @functools.lru_cache(maxsize=2)
 def _network(weights_path: str):
-    from switch_dit_jax.eval import inception
-    return inception.FIDInception.load(weights_path)  # kept: its compiled functions are reused
+    return load_network(weights_path)  # kept: its compiled functions are reused
 
 
 def _file_identity(path: str) -> str:
@@ -45,16 +57,15 @@ def reference_statistics(reference_npz: str, inception_weights: str, workdir: st
         raise FileNotFoundError(f"reference batch {reference_npz!r} does not exist; pass an ADM "
                                 "reference .npz (e.g. VIRTUAL_imagenet256_labeled.npz).")
     network = _network(inception_weights)
-    with np.load(reference_npz) as f:
-        complete = all(k in f.files for k in (*metrics.STAT_KEYS, "pool"))
+    with files.NpzFile(reference_npz, "reference batch") as f:
+        complete = all(k in f for k in (*metrics.STAT_KEYS, "pool"))
     if complete or not workdir:
         return metrics.load_reference(reference_npz, network, batch_size, mesh)
     key = hashlib.sha1((_file_identity(reference_npz) + "|" + _file_identity(inception_weights))
                        .encode()).hexdigest()[:16]
     cache = os.path.join(workdir, "eval_cache", f"reference_{key}.npz")
     if _agree_across_processes(os.path.exists(cache)):
-        with np.load(cache) as f:
-            return {k: f[k] for k in f.files}
+        return files.load_npz(cache, "cached reference statistics")
     reference = metrics.load_reference(reference_npz, network, batch_size, mesh)
     if jax.process_index() == 0:
         metrics.save_reference(cache, reference)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from switch_dit_jax.eval import inception, metrics
+from switch_dit_jax.eval import load_network, metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         if not os.path.isfile(path):
             raise SystemExit(f"{path!r} does not exist; pass an ADM-format .npz.")
     start = time.time()
-    network = inception.FIDInception.load(args.inception_weights)
+    network = load_network(args.inception_weights)
     reference = metrics.load_reference(args.reference, network, args.batch_size)
     if args.save_reference:
         metrics.save_reference(args.save_reference, reference)

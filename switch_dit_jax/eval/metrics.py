@@ -12,13 +12,14 @@ import functools
 import logging
 import os
 import warnings
-import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 from scipy.special import logsumexp
+
+from switch_dit_jax import files
 
 log = logging.getLogger("switch_dit_jax")
 
@@ -151,21 +152,16 @@ class NpzImages:
         self._open()
 
     def _open(self):
-        zf = zipfile.ZipFile(self.path)
-        if f"{self.key}.npy" not in zf.namelist():
-            raise ValueError(f"{self.path!r} has no array {self.key!r}; pass an ADM-format "
-                             f".npz (images in {self.key!r}).")
-        self._f = zf.open(f"{self.key}.npy")
-        version = np.lib.format.read_magic(self._f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"{self.key!r} in {self.path!r} uses .npy format {version}; save "
-                             "it with np.savez (format 1.0 or 2.0).")
-        shape, fortran, dtype = read_header(self._f)
-        if fortran or dtype.hasobject:
-            raise ValueError(f"{self.key!r} in {self.path!r} is not a plain C-order array; "
-                             "save it with np.savez.")
+        if getattr(self, "_npz", None) is not None:
+            self._npz.close()
+        self._npz = files.NpzFile(self.path, "image batch")
+        if self.key not in self._npz:
+            raise files.BadFileError(f"{self.path!r} has no array {self.key!r}; pass an "
+                                     f"ADM-format .npz (images in {self.key!r}).")
+        self._f, shape, fortran, dtype = self._npz.open(self.key)
+        if fortran:
+            raise files.BadFileError(f"{self.key!r} in {self.path!r} is not a plain C-order "
+                                     "array; save it with np.savez.")
         self.shape, self.dtype, self._pos = tuple(shape), dtype, 0
 
     def __len__(self):
@@ -177,8 +173,8 @@ class NpzImages:
             self._open()
         row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         if start > self._pos:
-            self._f.read((start - self._pos) * row)
-        data = self._f.read((stop - start) * row)
+            files.read_exactly(self._f, (start - self._pos) * row, self.path, self.key)
+        data = files.read_exactly(self._f, (stop - start) * row, self.path, self.key)
         self._pos = stop
         return np.frombuffer(data, self.dtype).reshape((stop - start,) + self.shape[1:])
 
@@ -205,9 +201,9 @@ def load_reference(path: str, network=None, batch_size: int = 200,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference batch {path!r} does not exist; pass an ADM "
                                 "reference .npz (e.g. VIRTUAL_imagenet256_labeled.npz).")
-    with np.load(path) as f:
-        ref = {k: f[k] for k in (*STAT_KEYS, "pool", "spatial") if k in f.files}
-        has_images = "arr_0" in f.files
+    with files.NpzFile(path, "reference batch") as f:
+        ref = {k: f.read(k) for k in (*STAT_KEYS, "pool", "spatial") if k in f}
+        has_images = "arr_0" in f
     for mu, sigma, acts in (("mu", "sigma", "pool"), ("mu_s", "sigma_s", "spatial")):
         if (mu not in ref or sigma not in ref) and acts in ref:
             ref[mu], ref[sigma] = compute_statistics(ref[acts])

@@ -6,12 +6,12 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from switch_dit_jax.models.dit import DIT_MODELS, DiT, parse_model_name
+from switch_dit_jax.models.attention import ATTENTION_IMPLS, choose_implementation
+from switch_dit_jax.models.dit import DIT_MODELS, REMAT_POLICIES, DiT, parse_model_name
 from switch_dit_jax.models.moe import MOE_KINDS
 from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 ROUTING_KINDS = ("none", "dtr", "random", "switch")
 # Fields of `config.model.routing` (task routing) and their defaults.
@@ -55,8 +55,7 @@ MODEL_DEFAULTS = dict(
     learn_sigma=True,         # 2C outputs: eps and the interpolation of the variance
     mlp_ratio=4.0,
     compute_dtype="float32",  # "float32" | "bfloat16"; parameters stay float32
-    attention_impl=None,      # None (XLA decides) | "xla" | "cudnn"
-    remat=False,              # rematerialise each block in the backward pass (saves memory)
+    attention_impl="auto",    # "auto" (cuDNN where it applies, else XLA) | "xla" | "cudnn"
     routing=ROUTING_DEFAULTS,  # task routing, see ROUTING_DEFAULTS
     ffn=FFN_DEFAULTS,         # feed-forward networks, see FFN_DEFAULTS
 )
@@ -149,22 +148,34 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["compute_dtype"] not in COMPUTE_DTYPES:
         raise ValueError(f"model.compute_dtype={cfg['compute_dtype']!r}; use one of "
                          f"{list(COMPUTE_DTYPES)}.")
+    if cfg["attention_impl"] is None:  # configs written before "auto" existed
+        cfg["attention_impl"] = "auto"
     if cfg["attention_impl"] not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={cfg['attention_impl']!r}; use one of "
                          f"{list(ATTENTION_IMPLS)}.")
     return cfg
 
 
-def build_model(model_config: Mapping[str, Any]) -> DiT:
-    """The DiT described by `model_config` (an ml_collections ConfigDict or a dict)."""
+def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> DiT:
+    """The DiT described by `model_config` (an ml_collections ConfigDict or a dict).
+
+    `remat_policy` (config.train.remat_policy) only changes how training executes the network:
+    "none", "full" or "dots_saveable" (see models/dit.py).
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"train.remat_policy={remat_policy!r}; use one of "
+                         f"{list(REMAT_POLICIES)}.")
     cfg = resolve_model_config(model_config)
+    dtype = COMPUTE_DTYPES[cfg["compute_dtype"]]
+    attention_impl = choose_implementation(cfg["attention_impl"], dtype,
+                                           cfg["hidden_size"] // cfg["num_heads"])
     return DiT(
         input_size=cfg["input_size"], in_channels=cfg["in_channels"],
         patch_size=cfg["patch_size"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
         num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
         num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
-        learn_sigma=cfg["learn_sigma"], dtype=COMPUTE_DTYPES[cfg["compute_dtype"]],
-        attention_impl=cfg["attention_impl"], remat=cfg["remat"],
+        learn_sigma=cfg["learn_sigma"], dtype=dtype,
+        attention_impl=attention_impl, remat_policy=remat_policy,
         routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]))
 
 

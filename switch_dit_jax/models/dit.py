@@ -28,6 +28,9 @@ DIT_SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+# train.remat_policy -> what a rematerialised block keeps from its forward pass.
+REMAT_POLICIES = {"none": None, "full": None,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
 DIT_MODELS = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in PATCH_SIZES)
 
 
@@ -53,7 +56,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str = "xla"
     # Builds the FFN: ffn_factory(hidden_features=..., dtype=..., name="mlp") -> module(x).
     ffn_factory: Callable[..., nn.Module] = layers.Mlp
     integration: str = "mask_skip"
@@ -112,8 +115,10 @@ class DiT(nn.Module):
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     dtype: Any = jnp.float32
-    attention_impl: str | None = None
-    remat: bool = False
+    attention_impl: str = "xla"  # the kernel: "xla" | "cudnn" (build_model resolves "auto")
+    # Recompute each block in the backward pass: "none", "full" (keep only block inputs) or
+    # "dots_saveable" (keep matmul outputs, recompute the elementwise work).
+    remat_policy: str = "none"
     # Task routing (DTR / R-TR / Switch-DiT): see models.ROUTING_DEFAULTS for the fields.
     routing: Mapping[str, Any] | None = None
     # Feed-forward networks (dense MLP or a mixture): see models.FFN_DEFAULTS for the fields.
@@ -195,8 +200,11 @@ class DiT(nn.Module):
             fixed_gates = random_allocation_gates(self.depth, r["num_experts"], r["top_k"],
                                                   r["num_tasks"], r["alpha"], r["seed"])
 
-        # `train` (argument 4, counting self) is a Python bool: static under remat.
-        block_cls = nn.remat(DiTBlock, static_argnums=(4,)) if self.remat else DiTBlock
+        block_cls = DiTBlock
+        if self.remat_policy != "none":
+            # `train` (argument 4, counting self) is a Python bool: static under remat.
+            block_cls = nn.remat(DiTBlock, static_argnums=(4,),
+                                 policy=REMAT_POLICIES[self.remat_policy])
         for i in range(self.depth):
             mask = None
             if masks is not None:
@@ -211,9 +219,7 @@ class DiT(nn.Module):
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
                           integration=integration, name=f"blocks_{i}")(h, c, mask, train)
-            h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
-            if not layers.EXPERIMENT.get("nobarrier"):
-                h = layers.materialize(h)
+            h = layers.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)
         return self.unpatchify(h)

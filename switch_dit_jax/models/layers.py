@@ -18,7 +18,6 @@ import numpy as np
 from switch_dit_jax.models import attention
 
 Dtype = Any
-EXPERIMENT = {}
 
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
@@ -39,8 +38,6 @@ class Dense(nn.Dense):
     """
 
     def __call__(self, inputs):
-        if EXPERIMENT.get("dense3d"):
-            return super().__call__(inputs)
         lead = inputs.shape[:-1]
         out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
         return out.reshape(*lead, self.features)
@@ -54,19 +51,32 @@ def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
                  bias_init=logical(zeros, names[1:]), name=name)
 
 
-def _identity_branches(x, pred):
-    return jax.lax.cond(pred, lambda v: v, lambda v: v * 1.0, x)
+def _stored(x: jax.Array) -> jax.Array:
+    # A conditional is a boundary XLA does not fuse across, and JAX keeps it because the
+    # branches differ (the second multiplies by one); the predicate is a value XLA cannot fold.
+    return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda v: v, lambda v: v * 1.0, x)
 
 
 @jax.custom_vjp
+def _materialize_cpu(x):
+    return _stored(x)
+
+
+_materialize_cpu.defvjp(lambda x: (_stored(x), None), lambda _, g: (_stored(g),))
+
+
 def materialize(x: jax.Array) -> jax.Array:
-    """The identity, whose value and cotangent XLA must compute once and store."""
-    return _identity_branches(x, jnp.isfinite(x.reshape(-1)[0]))
+    """The identity; on CPU, XLA computes its value and its cotangent once and stores them.
 
-
-materialize.defvjp(
-    lambda x: (_identity_branches(x, jnp.isfinite(x.reshape(-1)[0])), None),
-    lambda _, g: (_identity_branches(g, jnp.isfinite(g.reshape(-1)[0])),))
+    Between blocks, the residual stream and its cotangent are chains of elementwise adds.
+    XLA:CPU fuses such chains into every consumer, recomputing the stream (and, in the
+    backward pass, the cotangent) of all earlier blocks inside each later fusion: a cost that
+    grows with the square of the depth (DiT-S/2's train step spent 28 % of its time in it).
+    `optimization_barrier` does not help, since XLA:CPU drops it before fusion. GPUs and TPUs
+    price duplication in their fusion passes, and a conditional would cost a GPU a host sync,
+    so there this is the plain identity.
+    """
+    return _materialize_cpu(x) if jax.default_backend() == "cpu" else x
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -209,10 +219,7 @@ class Attention(nn.Module):
         qkv = dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
         qkv = qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if EXPERIMENT.get("dpa"):
-            out = jax.nn.dot_product_attention(q, k, v)
-        else:
-            out = attention.multi_head_attention(q, k, v, self.implementation)
+        out = attention.multi_head_attention(q, k, v, self.implementation)
         return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, d))
 
 

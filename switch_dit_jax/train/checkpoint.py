@@ -6,6 +6,12 @@ renames it on commit (on GCS it writes a `commit_success.txt` marker instead), s
 mid-save leaves the previous step as the newest restorable one; the leftover temporary directory
 is ignored when listing steps and deleted by the next run's first save.
 
+Nothing non-finite is saved (`save` checks the state on the device first). Resuming goes
+through `restore_newest_intact`: the newest step that is structurally whole, reads back
+completely and is finite; broken steps are moved to `checkpoints/corrupt/<step>` by the trainer
+(only skipped by readers), each with a one-line reason. A background save that fails is
+raised as a one-sentence CheckpointSaveError as soon as `raise_if_save_failed` sees it.
+
 A run may resume with another number of processes: the train state is resharded exactly, but
 grain's per-process iterator positions belong to the old shard layout, so the data stream
 restarts with a seed derived from (data.seed, step) and a WARNING says so (`resume_data_seed`).
@@ -25,13 +31,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from switch_dit_jax.config_base import get_base_config
+from switch_dit_jax.errors import UserError
+from switch_dit_jax.train import checkpoint_checks as checks
+from switch_dit_jax.train import guard
 
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
 # Fields of config.model that choose how the same network is executed (memory, kernels), not
 # which network it is: switching them on resume is legitimate and keeps every parameter valid.
-_EXECUTION_ONLY_MODEL_FIELDS = frozenset({"remat", "attention_impl"})
+_EXECUTION_ONLY_MODEL_FIELDS = frozenset({"attention_impl"})
 # Data fields that identify the example stream; data.dir is left out so a dataset can move.
 _DATA_FIELDS = ("name", "tfds_name", "split", "image_size", "latent_scale", "seed")
 # Optimizer fields whose change would silently alter the optimizer state's meaning. The
@@ -41,6 +50,14 @@ _OPTIMIZER_FIELDS = ("global_batch_size", "b1", "b2", "eps", "weight_decay")
 
 class ConfigMismatchError(ValueError):
     """The config a checkpoint was written with differs from the current one in a resume field."""
+
+
+class CheckpointSaveError(UserError):
+    """A (background) save failed; the previous checkpoint is still the latest."""
+
+
+class NoUsableCheckpointError(UserError):
+    """Every checkpoint of a workdir failed validation."""
 
 
 def _jsonable(value):
@@ -144,6 +161,7 @@ class Checkpointer:
                            "config": ocp.JsonCheckpointHandler()})
         self._read_only = read_only
         self._saved_once = False
+        self._saving_step = None  # the step of the async save in flight, for error messages
         # The seed this run's data iterator was built with, recorded by save(): a same-count
         # resume must rebuild the iterator with it (see resume_data_seed).
         self.data_seed = int(config.data.get("seed") or 0)
@@ -157,6 +175,8 @@ class Checkpointer:
         register = getattr(threading, "_register_atexit", None)
         if register is not None and not read_only:
             register(_wait_at_exit, self._pending)
+        if checks.ORBAX_FILTER not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(checks.ORBAX_FILTER)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -183,12 +203,13 @@ class Checkpointer:
         With async saving, the device-to-host copy and the
         data-iterator state are taken before returning, so training may go on (and advance the
         iterator) at once; the files are written in the background, and the next save waits.
+        Raises guard.NonFiniteStateError, and saves nothing, when the state holds NaN or inf,
+        and CheckpointSaveError when an earlier background save failed.
         """
         if self._read_only:
             raise ValueError(f"this Checkpointer for {self.directory} is read-only; open it with "
                              "read_only=False to save.")
-        # A background save that failed must stop the run here, not at the very end.
-        self._manager.check_for_errors()
+        self.raise_if_save_failed()
         step = int(step)
         due = (self._every and step % self._every == 0) or step == self._last_step
         if not (force or due):
@@ -204,6 +225,9 @@ class Checkpointer:
             raise ValueError(f"cannot save step {step} into {self.directory} because it already "
                              f"holds the later step {max(known)}; resume from the latest checkpoint "
                              "or use a new --workdir.")
+        bad = guard.nonfinite_parts(state)
+        if bad:
+            raise guard.NonFiniteStateError(step, bad)
         if not self._saved_once:
             self._remove_leftovers()
             self._saved_once = True
@@ -212,10 +236,42 @@ class Checkpointer:
                 "process_count": jax.process_count(),
                 "data_seed": self.data_seed,
                 "config": json.loads(self.config.to_json_best_effort())}
-        return self._manager.save(step, force=True, args=ocp.args.Composite(
+        started = self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.PyGrainCheckpointSave(data_iterator),
             config=ocp.args.JsonSave(meta)))
+        if started:
+            self._saving_step = step
+        return started
+
+    def raise_if_save_failed(self) -> None:
+        """Raises CheckpointSaveError as soon as a background save has failed; cheap enough to
+        call after every train step (it only looks at Orbax's finalize thread).
+
+        Orbax keeps such an error inside its finalize thread until the next save or wait; this
+        surfaces it while the previous checkpoint is still the latest one.
+        """
+        try:
+            ref = self._manager._finalize_thread  # pylint: disable=protected-access
+            failed = ref.map(lambda t: t is not None and not t.is_alive()
+                             and getattr(t, "exception", None) is not None)
+        except AttributeError:  # another Orbax version: the next save or wait() reports it
+            failed = False
+        if failed:
+            self.wait()
+
+    def _save_failed(self, error: BaseException) -> CheckpointSaveError:
+        step = self._saving_step
+        self._saving_step = None
+        latest = self.latest_step()
+        first = " ".join(str(error).split())[:300] or type(error).__name__
+        what = f"step {step}" if step is not None else "a checkpoint"
+        still = (f"the latest checkpoint is still step {latest}" if latest is not None
+                 else "there is no complete checkpoint yet")
+        return CheckpointSaveError(
+            f"the background save of {what} to {self.directory} failed "
+            f"({type(error).__name__}: {first}); {still}; fix the storage (space, permissions, "
+            "quota) and run again to resume.")
 
     def _remove_leftovers(self) -> None:
         # Temporary directories of saves that a crash interrupted; this process is now the writer
@@ -227,9 +283,14 @@ class Checkpointer:
                 path.rmtree()
 
     def wait(self) -> None:
-        """Blocks until pending saves are committed; re-raises a background save's error."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Blocks until pending saves are committed; a background save's error becomes a
+        CheckpointSaveError (one sentence; the Orbax error is its __cause__)."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(e) from e
+        self._saving_step = None
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's threads; call before the process exits."""
@@ -291,29 +352,141 @@ class Checkpointer:
         with `resume_data_seed(step)`. With another count the iterator is left as it is (fresh,
         for the new layout) and a WARNING says that the data order does not carry over exactly.
         Raises ConfigMismatchError when the checkpoint's fingerprint differs from this config's.
+        This reads exactly that step; `restore_newest_intact` falls back past broken ones.
         """
         step = self._resolve_step(step)
         meta = self.saved_config(step)
+        self._check_fingerprint(step, meta)
+        if data_iterator is not None:
+            # The iterator first: its restore starts prefetching, which overlaps the state read.
+            self._restore_data_with(step, data_iterator, meta)
+        return self._restore_state(step, abstract_state, shardings)
+
+    def _check_fingerprint(self, step: int, meta: dict) -> None:
         diffs = _fingerprint_diff(meta.get("fingerprint", {}), config_fingerprint(self.config))
         if diffs:
             raise ConfigMismatchError(
                 f"the checkpoint at step {step} in {self.directory} was written with a different "
                 f"config ({'; '.join(diffs)}); restore the config it was trained with, or use a new "
                 "--workdir to start a separate run.")
+
+    def _restore_state(self, step: int, abstract_state, shardings):
         if isinstance(shardings, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: shardings, abstract_state)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state, shardings)
-        args = {"state": ocp.args.StandardRestore(target)}
-        if data_iterator is not None:
-            saved_count = meta.get("process_count", 1)
-            if saved_count != jax.process_count():
-                self._warn_data_restarts(step, saved_count)
-            else:
-                # The iterator first: its restore starts prefetching, which overlaps the state read.
-                self._restore_data(step, data_iterator, meta)
-        return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+
+    def restore_data(self, step: int, data_iterator) -> None:
+        """Sets `data_iterator` to the position saved at `step` (see `restore`)."""
+        self._restore_data_with(int(step), data_iterator, self.saved_config(step))
+
+    def _restore_data_with(self, step: int, data_iterator, meta: dict) -> None:
+        saved_count = meta.get("process_count", 1)
+        if saved_count != jax.process_count():
+            self._warn_data_restarts(step, saved_count)
+        else:
+            self._restore_data(step, data_iterator, meta)
+
+    # -- fallback past broken checkpoints --------------------------------------------------------
+
+    def restore_newest_intact(self, abstract_state, shardings, *, move_corrupt: bool):
+        """(step, TrainState) of the newest checkpoint that passes validation, or None when the
+        directory holds no checkpoint at all.
+
+        Each step is checked newest first: its items and metadata are there and readable, every
+        array of the state reads back and is finite, and this process's data-iterator file
+        parses. A step that fails is reported in one log line with the reason, then moved to
+        `checkpoints/corrupt/STEP` (`move_corrupt`, the trainer) or only skipped (readers:
+        sampling, analysis), and the next older step is tried. A step written with a different
+        config is not broken: ConfigMismatchError, as from `restore`. With every step broken,
+        NoUsableCheckpointError. Every process must call this together; they agree on each
+        verdict, and only process 0 moves directories.
+        """
+        self._manager.wait_until_finished()
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            state, reason = self._validate(step, abstract_state, shardings)
+            reason = checks.agree(reason)
+            if reason is None:
+                if failures and jax.process_index() == 0:
+                    log.warning("restoring step %d, the newest intact checkpoint in %s.", step,
+                                self.directory)
+                return step, state
+            del state
+            failures.append((step, reason))
+            self._report_broken(step, reason, move_corrupt)
+        if not failures:
+            return None
+        listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+        if move_corrupt:
+            raise NoUsableCheckpointError(
+                f"every checkpoint in {self.directory} is unusable ({listing}); they were moved to "
+                f"{self.directory / checks.CORRUPT_DIR}, so running again trains from scratch, or "
+                "move an intact one back to resume.")
+        raise NoUsableCheckpointError(
+            f"no usable checkpoint in {self.directory} ({listing}); train again (--mode=train) or "
+            "point --workdir at a run with an intact checkpoint.")
+
+    def _report_broken(self, step: int, reason: str, move: bool) -> None:
+        older = [s for s in self.all_steps() if s < step]
+        then = f"trying step {max(older)}" if older else "no older checkpoint is left"
+        if not move:
+            if jax.process_index() == 0:
+                log.warning("checkpoint step %d in %s is unusable (%s); skipping it (readers move "
+                            "nothing), %s.", step, self.directory, reason, then)
+            return
+        if jax.process_index() == 0:
+            target = self.directory / checks.CORRUPT_DIR / str(step)
+            n = 0
+            while target.exists():  # the same step broke before: keep both copies
+                n += 1
+                target = self.directory / checks.CORRUPT_DIR / f"{step}.{n}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+            log.warning("checkpoint step %d in %s is unusable (%s); moved it to %s, %s.", step,
+                        self.directory, reason, target, then)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"switch_dit_jax: moved checkpoint {step} aside")
+        self._manager.reload()  # the moved step is no longer one of ours (nor counted by keep-N)
+
+    def _validate(self, step: int, abstract_state, shardings):
+        """(state, None) when step `step` is intact, else (None, one-line reason); raises
+        ConfigMismatchError for a readable checkpoint of another config."""
+        path = self.directory / str(step)
+        reason = checks.structure_problem(path)
+        if reason:
+            return None, reason
+        try:
+            meta = self.saved_config(step)
+        except Exception as e:  # pylint: disable=broad-except
+            return None, f"config/metadata cannot be read: {checks.summary(e)}"
+        if not (isinstance(meta, dict) and isinstance(meta.get("fingerprint"), dict)):
+            return None, "config/metadata does not describe a checkpoint of this package"
+        self._check_fingerprint(step, meta)
+        if meta.get("process_count", 1) == jax.process_count():
+            name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            data_file = path / "data" / name
+            try:
+                json.loads(data_file.read_text())
+            except FileNotFoundError:
+                return None, f"data/{data_file.name} is missing"
+            except (ValueError, OSError) as e:
+                return None, f"data/{data_file.name} cannot be read: {checks.summary(e)}"
+        reason = checks.ocdbt_problem(path / "state")
+        if reason:
+            return None, reason
+        try:
+            state = self._restore_state(step, abstract_state, shardings)
+        except Exception as e:  # pylint: disable=broad-except
+            return None, f"its state does not read back: {checks.summary(e)}"
+        bad = guard.nonfinite_parts(state)
+        if bad:
+            return None, f"its {', '.join(bad)} hold NaN or inf"
+        return state, None
 
     def _warn_data_restarts(self, step: int, saved_count: int) -> None:
         # Grain keeps one position per process in a per-process shuffle; no mapping takes the

@@ -16,8 +16,10 @@ from switch_dit_jax import parallel, sample
 from switch_dit_jax.data import pipeline
 from switch_dit_jax.models import build_model
 from switch_dit_jax.train import checkpoint as ckpt_lib
+from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
-from switch_dit_jax.train.preemption import PreemptionGuard
+from switch_dit_jax.train import peers, runtime, workdir_lock
+from switch_dit_jax.train.preemption import PreemptionGuard, StartupStop
 from switch_dit_jax.train.state import (count_params, create_train_state, make_optimizer,
                                         state_shardings)
 from switch_dit_jax.train.step import make_diffusion, make_train_step
@@ -90,93 +92,209 @@ def write_samples(model, config, state, mesh, shardings, workdir: str, writer=No
 
 
 def train_and_evaluate(config, workdir: str) -> None:
-    validate_config(config, jax.device_count(), jax.process_count())
+    """Trains `config` in `workdir`, resuming from its newest intact checkpoint.
+
+    Reliability (README "Reliability"): one trainer per workdir (`train.lock`); checkpoints that
+    fail validation are moved to `checkpoints/corrupt/` and the next older one is used; a
+    non-finite step is handled by train.nonfinite and a non-finite state is never saved; a
+    failed background save stops the run at once; metrics.jsonl is cut back to the restored
+    step; SIGTERM at any point ends the run with exit status 0 and a line on what was saved;
+    in a multi-process run a lost peer ends every survivor at once, saving nothing.
+    """
+    with PreemptionGuard() as guard:  # from the first moment: start-up SIGTERM included
+        try:
+            validate_config(config, jax.device_count(), jax.process_count())
+            with workdir_lock.hold(workdir) as lock:
+                release = lock.release if lock is not None else None
+                if release:
+                    peers.on_exit(release)
+                try:
+                    _train(config, workdir, guard, lock)
+                finally:
+                    if release:
+                        peers.forget(release)
+        except StartupStop as e:
+            log.info("%s", e)
+        except BaseException as e:
+            peers.exit_if_lost(e, workdir)
+            raise
+
+
+def _latest_text(checkpointer) -> str | None:
+    """The newest checkpoint as "N in DIR" (None: none yet), once pending saves are done."""
+    try:
+        checkpointer.wait()
+    except ckpt_lib.CheckpointSaveError:
+        pass  # reported by whoever saw it first; the latest step is still what is on disk
+    latest = checkpointer.latest_step()
+    return None if latest is None else f"{latest} in {checkpointer.directory}"
+
+
+def _nothing_saved(checkpointer) -> str:
+    latest = _latest_text(checkpointer)
+    return ("nothing was saved (the latest checkpoint, step " + latest + ", is unchanged)."
+            if latest else "nothing was saved (there is no checkpoint yet).")
+
+
+def _save(checkpointer, lock, nonfinite, step, state, data_iter, force) -> str:
+    """One checkpoint save under the reliability rules; returns what happened: "saved",
+    "skipped" (not due, or already there) or "nonfinite" (refused, under skip/warn)."""
+    workdir_lock.check_still_held(lock, step)
+    try:
+        return "saved" if checkpointer.save(step, state, data_iter, force=force) else "skipped"
+    except guard_lib.NonFiniteStateError as e:
+        what = f"the train state's {', '.join(e.parts)} hold NaN or inf"
+        if nonfinite.policy == "stop":
+            raise guard_lib.NonFiniteError(nonfinite.stop_message(step, what)) from None
+        latest = _latest_text(checkpointer)
+        log.warning("not saving the checkpoint of step %d: %s (train.nonfinite=%r); %s.", step,
+                    what, nonfinite.policy, f"the latest checkpoint stays step {latest}"
+                    if latest else "there is no checkpoint yet")
+        return "nonfinite"
+
+
+def _train(config, workdir: str, guard, lock) -> None:
     mesh = parallel.make_mesh(config.mesh)
-    model = build_model(config.model)
+    model = build_model(config.model, remat_policy=config.train.remat_policy)
     diffusion = make_diffusion(config)
     tx = make_optimizer(config.train, config.loss)
+    runtime.enable_compilation_cache(config.train.compilation_cache, workdir)
+    profiler = runtime.StepProfiler(runtime.parse_profile_steps(config.train.profile_steps),
+                                    os.path.join(workdir, "profile"))
     checkpointer = ckpt_lib.Checkpointer(workdir, config,
                                          max_to_keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpointing)
-    resume_step = checkpointer.latest_step()
-    # The loader of a resumed run continues the checkpoint's data stream, or starts a fresh one
-    # when the process count changed (Checkpointer.resume_data_seed).
-    data_seed = None if resume_step is None else checkpointer.resume_data_seed(resume_step)
-    loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
-                                        jax.process_index(), jax.process_count(), seed=data_seed)
-    _check_data_matches_model(loader.source, model)
+    writer = None
+    try:
+        guard.raise_if_received(lambda: _nothing_saved(checkpointer))
+        abstract, shardings = state_shardings(model, tx, mesh, config.loss)
+        found = checkpointer.restore_newest_intact(abstract, shardings, move_corrupt=True)
+        resume_step, state = found if found else (None, None)
+        # The loader of a resumed run continues the checkpoint's data stream, or starts a fresh
+        # one when the process count changed (Checkpointer.resume_data_seed).
+        data_seed = None if resume_step is None else checkpointer.resume_data_seed(resume_step)
+        loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
+                                            jax.process_index(), jax.process_count(),
+                                            seed=data_seed)
+        _check_data_matches_model(loader.source, model)
+        data_iter = iter(loader)
+        init_key, step_key = _keys(config.seed)
+        if resume_step is not None:
+            checkpointer.restore_data(resume_step, data_iter)
+            log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
+        else:
+            state = create_train_state(model, tx, init_key, mesh, config.loss)
+        if jax.process_index() == 0:
+            log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
+            log.info("trainable parameters: %s", f"{count_params(state.params):,}")
 
-    abstract, shardings = state_shardings(model, tx, mesh, config.loss)
-    data_iter = iter(loader)
-    init_key, step_key = _keys(config.seed)
-    if resume_step is not None:
-        state = checkpointer.restore(abstract, shardings, data_iter, resume_step)
-        log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
-    else:
-        state = create_train_state(model, tx, init_key, mesh, config.loss)
-    if jax.process_index() == 0:
-        log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
-        log.info("trainable parameters: %s", f"{count_params(state.params):,}")
-
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(model, diffusion, tx, config),
-                         in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
-                         out_shardings=(shardings, parallel.replicated(mesh)),
-                         donate_argnums=(0,))
-    writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
-    t = config.train
-    progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every)
-    first = int(state.step)
-    if first >= t.num_steps:
-        log.info("the checkpoint is at step %d >= train.num_steps=%d: nothing to train.",
-                 first, t.num_steps)
-    history = []
-    with PreemptionGuard() as guard, jax.set_mesh(mesh), \
-            nn.logical_axis_rules(parallel.LOGICAL_RULES):
-        for step in range(first + 1, t.num_steps + 1):
-            batch = pipeline.global_batch(next(data_iter), batch_sharding)
-            state, step_metrics = train_step(state, batch, step_key)
-            history.append(step_metrics)
-            if step % t.log_every == 0 or step == t.num_steps:
-                means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(history))
-                writer.write_scalars(step, means)
-                history = []
-                progress(step)
-            stopping = guard.should_stop(step)
-            if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
-                checkpointer.save(step, state, data_iter, force=stopping)
-            if t.sample_every and (step % t.sample_every == 0 or step == t.num_steps):
-                write_samples(model, config, state, mesh, shardings, workdir, writer)
-            if config.eval.eval_every and step % config.eval.eval_every == 0:
-                evaluate_in_training(model, config, state, mesh, shardings, workdir, writer)
-            if stopping:
-                log.info("SIGTERM: saved the checkpoint of step %d; exiting.", step)
-                break
-    checkpointer.wait()
+        batch_sharding = parallel.batch_sharding(mesh)
+        train_step = jax.jit(make_train_step(model, diffusion, tx, config),
+                             in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
+                             out_shardings=(shardings, parallel.replicated(mesh)),
+                             donate_argnums=(0,))
+        t = config.train
+        first = int(state.step)
+        if jax.process_index() == 0:  # the steps after `first` are written again below
+            metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), first)
+        writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
+        progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every)
+        nonfinite = guard_lib.NonFiniteGuard(t.get("nonfinite", "stop"),
+                                             lambda: _latest_text(checkpointer))
+        if first >= t.num_steps:
+            log.info("the checkpoint is at step %d >= train.num_steps=%d: nothing to train.",
+                     first, t.num_steps)
+        guard.raise_if_received(lambda: _nothing_saved(checkpointer))
+        history, stopped = [], None
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+            for step in range(first + 1, t.num_steps + 1):
+                batch = pipeline.global_batch(next(data_iter), batch_sharding)
+                profiler.before(step)
+                state, step_metrics = train_step(state, batch, step_key)
+                profiler.after(step, step_metrics)
+                nonfinite.record(step, step_metrics)
+                history.append(step_metrics)
+                checkpointer.raise_if_save_failed()  # at once, not at the next save
+                stopping = guard.should_stop(step)
+                log_due = step % t.log_every == 0 or step == t.num_steps
+                save_due = step % t.checkpoint_every == 0 or step == t.num_steps or stopping
+                sample_due = bool(t.sample_every) and (step % t.sample_every == 0
+                                                       or step == t.num_steps)
+                eval_due = bool(config.eval.eval_every) and step % config.eval.eval_every == 0
+                if log_due:
+                    means = jax.tree.map(lambda *m: float(np.mean(m)),
+                                         *jax.device_get(history))
+                    means.pop(guard_lib.FINITE, None)
+                    writer.write_scalars(step, means)
+                    history = []
+                    progress(step)
+                if log_due or save_due or sample_due or eval_due:
+                    nonfinite.check()  # train.nonfinite="stop" raises here, before any save
+                saved = (_save(checkpointer, lock, nonfinite, step, state, data_iter, stopping)
+                         if save_due else "skipped")
+                if sample_due:
+                    write_samples(model, config, state, mesh, shardings, workdir, writer)
+                if eval_due:
+                    evaluate_in_training(model, config, state, mesh, shardings, workdir, writer)
+                if stopping:
+                    stopped = (step, saved)
+                    break
+        profiler.stop()
+        checkpointer.wait()  # a failed last save is a CheckpointSaveError here
+        if stopped:
+            step, saved = stopped
+            if saved == "saved":
+                log.info("SIGTERM: saved the checkpoint of step %d in %s; exiting.", step,
+                         checkpointer.directory)
+            else:
+                log.info("SIGTERM at step %d: %s", step,
+                         "its checkpoint was already saved; exiting." if saved == "skipped"
+                         else _nothing_saved(checkpointer))
+        elif guard.received:
+            log.info("SIGTERM after the last step: the run is complete; the latest checkpoint "
+                     "is step %s.", _latest_text(checkpointer))
+    except BaseException as e:
+        peers.exit_if_lost(e, workdir)  # before the clean-up below, which would wait for it
+        _close_quietly(checkpointer, writer)
+        raise
     checkpointer.close()
     writer.flush()
     writer.close()
 
 
+def _close_quietly(checkpointer, writer) -> None:
+    """Clean-up on an error: commit what is pending, without hiding the error itself."""
+    for close in (checkpointer.close, getattr(writer, "close", None)):
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as e:  # pylint: disable=broad-except
+            log.warning("while stopping: %s: %s", type(e).__name__, " ".join(str(e).split()))
+
+
 def restore_latest(config, workdir: str):
-    """(model, mesh, state, shardings) of the latest checkpoint in `workdir`, opened read-only
-    (sampling, evaluation and analysis of a run, possibly while it still trains)."""
+    """(model, mesh, state, shardings) of the newest intact checkpoint in `workdir`, opened
+    read-only (sampling, evaluation and analysis of a run, possibly while it still trains).
+    Broken checkpoints are skipped with a log line, never moved (see
+    Checkpointer.restore_newest_intact)."""
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
     abstract, shardings = state_shardings(model, make_optimizer(config.train, config.loss), mesh,
                                           config.loss)
     with ckpt_lib.Checkpointer(workdir, config, max_to_keep=config.train.keep_checkpoints,
                                async_save=False, read_only=True) as checkpointer:
-        if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in --workdir={workdir}; train first "
-                                    "(--mode=train) or point --workdir at a trained run.")
-        state = checkpointer.restore(abstract, shardings, None)
-    return model, mesh, state, shardings
+        found = checkpointer.restore_newest_intact(abstract, shardings, move_corrupt=False)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in --workdir={workdir}; train first "
+                                "(--mode=train) or point --workdir at a trained run.")
+    return model, mesh, found[1], shardings
 
 
 def sample_from_workdir(config, workdir: str) -> dict[str, str]:
     """--mode=sample: EMA weights of the latest checkpoint -> PNG grid + ADM .npz."""
     validate_config(config, jax.device_count(), jax.process_count())
+    runtime.enable_compilation_cache(config.train.compilation_cache, workdir)
     model, mesh, state, shardings = restore_latest(config, workdir)
     start = time.time()
     paths = write_samples(model, config, state, mesh, shardings, workdir)

@@ -83,6 +83,37 @@ class NullWriter:
         pass
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Drops the rows of `path` after `last_step` (and a last line cut short by a crash), so a
+    run resumed at `last_step` writes each later step once. Returns how many rows went.
+
+    The file is rewritten to a temporary name and renamed, so a crash leaves the old or the new
+    file, never a mix.
+    """
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = int(json.loads(line).get("step", 0))
+            except (ValueError, TypeError, AttributeError):
+                dropped += 1
+                continue
+            if step <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        log.info("%s: dropped %d row(s) after step %d, which this run writes again.", path,
+                 dropped, last_step)
+    return dropped
+
+
 def make_writer(workdir: str, is_chief: bool):
     """Only the chief process writes; the JSONL file is written with or without TensorFlow."""
     if not is_chief:

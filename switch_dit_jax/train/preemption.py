@@ -9,7 +9,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from switch_dit_jax.train import early_signal
+
 log = logging.getLogger("switch_dit_jax")
+
+
+class StartupStop(Exception):
+    """SIGTERM arrived before the first train step; the message says what was saved."""
 
 
 def _jax_preemption_service() -> bool:
@@ -61,12 +67,23 @@ class PreemptionGuard:
             # signal.signal raises ValueError off the main thread: the guard belongs in main().
             self._old_handler = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
+            if early_signal.received() and not self.received:
+                # main's early handler caught it during imports / jax.distributed start-up.
+                self._handle(signal.SIGTERM, None)
         return self
+
+    def raise_if_received(self, what) -> None:
+        """During start-up (before the loop's first `should_stop`): raises StartupStop when this
+        process got SIGTERM; `what()` gives the sentence on what was saved. Local only: no
+        collective, so it may be called anywhere."""
+        if self.received:
+            raise StartupStop(f"SIGTERM during start-up: exiting before training; {what()}")
 
     def __exit__(self, *exc) -> None:
         if self._installed:
             # getsignal() gives None for a handler installed outside Python; the default is the
-            # closest thing we can put back.
+            # closest thing we can put back. (main's early handler goes back too: a SIGTERM
+            # while the finished trainer exits changes nothing, and the exit status stays 0.)
             old = self._old_handler if self._old_handler is not None else signal.SIG_DFL
             signal.signal(signal.SIGTERM, old)
             self._installed = False

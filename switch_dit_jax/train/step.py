@@ -16,6 +16,7 @@ from switch_dit_jax.diffusion import weighting
 from switch_dit_jax.diffusion.flow import RectifiedFlow
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
 from switch_dit_jax.models import switch
+from switch_dit_jax.train.guard import FINITE
 from switch_dit_jax.train.state import (UW_PARAMS, TrainState, learning_rate_schedule,
                                         model_params)
 
@@ -68,7 +69,7 @@ def routing_losses(model: nn.Module, aux: dict, t: jax.Array, key: jax.Array,
 
 def mixture_losses(aux: dict, depth: int) -> dict[str, jax.Array]:
     """DiffMoE's capacity-predictor BCE (summed over MoE layers, official), TC-DiT's balance
-    loss E·Σ_e P_e f_e (mean over layers) and the training capacity C (Eq. 9)."""
+    loss E·Σ_e P_e f_e (summed over MoE layers, official) and the training capacity C (Eq. 9)."""
     bce, balance, capacity = [], [], []
     for i in range(depth):
         sown = aux.get(f"blocks_{i}", {}).get("mlp", {})
@@ -83,8 +84,8 @@ def mixture_losses(aux: dict, depth: int) -> dict[str, jax.Array]:
     out = {}
     if bce:
         out["capacity_loss"] = jnp.sum(jnp.stack(bce))
-    if balance:
-        out["load_balance_loss"] = jnp.mean(jnp.stack(balance))
+    if balance:  # summed: the official AddAuxiliaryLoss adds each layer's term to the loss
+        out["load_balance_loss"] = jnp.sum(jnp.stack(balance))
     if capacity:
         out["capacity"] = jnp.mean(jnp.stack(capacity))
     return out
@@ -95,12 +96,15 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     """The train step for `model` under `diffusion`; jit it with the state's shardings.
 
     All randomness of step s comes from fold_in(base_key, s), so a resumed run draws exactly
-    what the uninterrupted one would have.
+    what the uninterrupted one would have. `metrics[FINITE]` is 1.0 when the loss and the
+    gradient norm are finite; with train.nonfinite="skip" a step where it is 0.0 leaves params,
+    optimizer state, model state and EMA unchanged (the step counter still advances).
     """
     lr_fn = learning_rate_schedule(config.train)
     decay = float(config.train.ema_decay)
     loss_cfg = config.loss
     is_flow = isinstance(diffusion, RectifiedFlow)
+    skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
@@ -155,13 +159,22 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
         model_state = {**state.model_state, **model_state}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        # Computed here, on the device, so that the loop learns of a divergence from the
+        # metrics it fetches anyway instead of syncing on every step.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
             ema_params=ema_update(state.ema_params, params, decay),
             ema_model_state=ema_update(state.ema_model_state, model_state, decay))
+        if skip_nonfinite:  # drop the whole update; only the step counter moves on
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     new_state.replace(step=state.step),
+                                     state).replace(step=state.step + 1)
         # constant_schedule returns a Python float: make every metric an array.
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, grad_norm=grad_norm,
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
+        metrics[FINITE] = finite
         if UW_PARAMS in params:
             for k in range(loss_cfg.uw_clusters):
                 metrics[f"ant_uw/log_var{k}"] = params[UW_PARAMS]["log_var"][k]

@@ -19,13 +19,15 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from switch_dit_jax.errors import BadFileError
+from switch_dit_jax.files import SafetensorsFile
 from switch_dit_jax.vae.autoencoder import AutoencoderKL, abstract_params
 
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value",
                           "to_out.0": "proj_attn"}
 
 
-class VAEWeightsError(ValueError):
+class VAEWeightsError(BadFileError):
     """A weights file that does not fit the configured VAE; the message names the tensor."""
 
 
@@ -86,18 +88,12 @@ def _describe(model: AutoencoderKL) -> str:
             f"vae.latent_channels={model.latent_channels}")
 
 
-def _open(path: str):
-    from safetensors import SafetensorError, safe_open
+def _open(path: str) -> SafetensorsFile:
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"VAE weights file {path!r} does not exist; pass the local path of "
                                 "the VAE's diffusion_pytorch_model.safetensors (e.g. from "
                                 "stabilityai/sd-vae-ft-ema).")
-    try:
-        return safe_open(path, framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise VAEWeightsError(f"VAE weights file {path!r} is not a readable safetensors file "
-                              f"({e}); pass a diffusers diffusion_pytorch_model.safetensors."
-                              ) from None
+    return SafetensorsFile(path, "VAE weights file", error=VAEWeightsError)
 
 
 def _match(path: str, f, model: AutoencoderKL) -> dict:
@@ -112,7 +108,8 @@ def _match(path: str, f, model: AutoencoderKL) -> dict:
                 f"VAE weights file {path!r} has no tensor {name!r}; it is not a diffusers "
                 f"AutoencoderKL with {_describe(model)} (check the file and the vae.* "
                 "architecture settings).")
-        shape = tuple(f.get_slice(key).get_shape())
+        f.check_float(key)
+        shape = f.shape(key)
         want = tuple(to_torch_layout(p, np.empty(abstract.shape, np.int8)).shape)
         if not (shape == want or (len(want) == 2 and shape == want + (1, 1))):
             raise VAEWeightsError(
@@ -129,19 +126,19 @@ def _match(path: str, f, model: AutoencoderKL) -> dict:
 
 def check_diffusers(path: str, model: AutoencoderKL) -> None:
     """Raises unless `path` holds exactly the tensors of `model` (reads only the header)."""
-    with _open(path) as f:
-        _match(path, f, model)
+    _match(path, _open(path), model)
 
 
 def load_diffusers(path: str, model: AutoencoderKL):
     """Reads a diffusers AutoencoderKL safetensors file into Flax parameters (float32 NumPy).
 
     Every tensor the model needs must be present with its shape, and no other tensor may be
-    in the file: either would mean the file is not this VAE.
+    in the file: either would mean the file is not this VAE. Half-precision tensors are cast;
+    integer tensors and NaN or inf values are refused by name.
     """
-    with _open(path) as f:
-        out = {p: _to_flax_layout(p, f.get_tensor(key), shape).astype(np.float32)
-               for p, (key, shape) in _match(path, f, model).items()}
+    f = _open(path)
+    out = {p: _to_flax_layout(p, f.get(key), shape)
+           for p, (key, shape) in _match(path, f, model).items()}
     return traverse_util.unflatten_dict(out)
 
 

@@ -1,0 +1,104 @@
+"""Analytic compute of every model family, and the peak of the accelerators, for MFU.
+
+Counts are multiply-accumulates (MACs) of the matmuls, the convention of the DiT paper's
+"Gflops" column (DiT-XL/2: 118.6 G per 256×256 image); elementwise work is left out, as there.
+FLOPs = 2 × MACs. A training step costs about 3 × its forward pass (the backward pass does two
+matmuls per forward matmul); classifier-free-guided sampling runs the model on 2 × the batch.
+
+Mixtures count their activated experts: DiffMoE and EC-DiT process C experts per token on
+average (C_train in training, the measured C_infer at inference), TC-DiT top_k per token. Each
+mixture layer adds its router, and DiffMoE its capacity predictor (D·D + D·E per token).
+Switch-DiT adds per block one D×D mask matmul per token (the per-sample mixed experts) and,
+per step rather than per image, the gates of all T timesteps for the diffusion prior.
+"""
+from __future__ import annotations
+
+FREQUENCY_FEATURES = 256  # sinusoidal timestep features entering the timestep MLP
+
+# Peak dense matmul FLOP/s per device (vendor figures, no sparsity), by device kind and dtype.
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,  # SXM; fp32 without TF32
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12,
+    ("TPU v5 lite", "bfloat16"): 197e12,  # v5e
+    ("TPU v5p", "bfloat16"): 459e12,
+    ("TPU v6 lite", "bfloat16"): 918e12,  # v6e
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Peak FLOP/s of one device of `device_kind` (jax's Device.device_kind) in `dtype`."""
+    for (name, dt), value in PEAK_FLOPS.items():
+        if name in device_kind and dt == dtype:
+            return value
+    return None
+
+
+def _ffn_macs(model, block: int, capacity: float | None) -> float:
+    """MACs per token of block `block`'s feed-forward network."""
+    d = model.hidden_size
+    hidden = int(d * model.mlp_ratio)
+    dense = 2 * d * hidden
+    f = model.ffn or {}
+    kind = f.get("kind", "mlp")
+    if kind == "mlp" or block < f["first"] or (block - f["first"]) % f["every"]:
+        return dense
+    e = f["num_experts"]
+    if kind == "token_choice":
+        return d * e + f["top_k"] * dense
+    c = f["capacity"] if capacity is None else capacity
+    predictor = d * d + d * e if kind == "diffmoe" else 0
+    return d * e + predictor + c * dense
+
+
+def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, float]:
+    """MACs of one forward pass per image, by part, and their "total".
+
+    `model` is a built DiT (models.build_model); `capacity` overrides the mixtures' C (e.g. a
+    measured C_infer for DiffMoE inference).
+    """
+    d, p, s = model.hidden_size, model.patch_size, model.grid_size ** 2
+    adaln = 6 * d * d
+    parts = {
+        "patch_embed": s * model.in_channels * p * p * d,
+        "conditioning": FREQUENCY_FEATURES * d + d * d,
+        "attention": model.depth * s * (4 * d * d + 2 * s * d),  # qkv, proj; QKᵀ and PV
+        "ffn": sum(s * _ffn_macs(model, i, capacity) for i in range(model.depth)),
+        "adaln": model.depth * adaln + 2 * d * d,
+        "final_layer": s * d * p * p * model.out_channels,
+    }
+    if model.routing_kind == "switch":
+        m_exp = model.routing["num_experts"]
+        parts["switch_mask"] = model.depth * (s * d * d + m_exp * d * d)  # mix, then apply
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def per_step_extra_macs(model) -> float:
+    """MACs per train step that do not scale with the batch: Switch-DiT embeds all T
+    timesteps and evaluates every block's gate on them for the diffusion prior loss."""
+    if model.routing_kind != "switch" or model.routing["allocation"] == "random":
+        return 0.0
+    d, t = model.hidden_size, model.routing["num_tasks"]
+    return t * (FREQUENCY_FEATURES * d + d * d + model.depth * d * model.routing["num_experts"])
+
+
+def train_flops_per_step(model, batch: int) -> float:
+    """FLOPs of one training step on `batch` images: 3 × (forward) × 2 FLOPs per MAC."""
+    return 6.0 * (batch * forward_macs_per_image(model)["total"] + per_step_extra_macs(model))
+
+
+def sample_flops_per_image(model, num_steps: int, cfg: bool,
+                           capacity: float | None = None) -> float:
+    """FLOPs to sample one image: num_steps model evaluations (Heun: pass 2 × its steps),
+    doubled under classifier-free guidance."""
+    macs = forward_macs_per_image(model, capacity)["total"]
+    return 2.0 * macs * num_steps * (2 if cfg else 1)
+
+
+def mfu(flops_per_s: float, device_kind: str, dtype: str, num_devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices (None if the
+    device is not in the peak table, e.g. a CPU)."""
+    peak = peak_flops(device_kind, dtype)
+    return None if peak is None else flops_per_s / (peak * num_devices)

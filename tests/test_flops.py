@@ -1,0 +1,75 @@
+"""Analytic FLOPs against the DiT paper's Gflops column, the structure of each family, and
+XLA's own count; the peak table and MFU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from switch_dit_jax.models import build_model, flops
+
+
+# DiT paper (Peebles & Xie 2023) Table 4, Gflops per 256x256 image (fvcore's multiply-adds).
+@pytest.mark.parametrize("name,gflops", [("DiT-S/2", 6.06), ("DiT-S/4", 1.41), ("DiT-S/8", 0.36),
+                                         ("DiT-B/2", 23.01), ("DiT-L/2", 80.71),
+                                         ("DiT-XL/2", 118.64), ("DiT-XL/4", 29.05),
+                                         ("DiT-XL/8", 7.39)])
+def test_dit_forward_matches_the_dit_paper(name, gflops):
+    got = flops.forward_macs_per_image(build_model(dict(name=name)))["total"] / 1e9
+    assert abs(got - gflops) <= max(1e-3 * gflops, 0.006), got
+
+
+def test_dtr_adds_no_matmul_and_switch_dit_adds_one_mask_matmul_per_token():
+    dit = flops.forward_macs_per_image(build_model(dict(name="DiT-B/2")))["total"]
+    dtr = flops.forward_macs_per_image(build_model(dict(name="DiT-B/2", routing=dict(kind="dtr"))))
+    assert dtr["total"] == dit
+    sw = build_model(dict(name="DiT-B/2", routing=dict(kind="switch")))
+    d, s = 768, 256
+    assert flops.forward_macs_per_image(sw)["total"] == dit + 12 * (s * d * d + 3 * d * d)
+    assert flops.per_step_extra_macs(sw) == 1000 * (256 * d + d * d + 12 * d * 3)
+    assert flops.train_flops_per_step(sw, 8) == 6 * (8 * (dit + 12 * (s * d * d + 3 * d * d))
+                                                     + flops.per_step_extra_macs(sw))
+
+
+def test_mixtures_count_their_activated_experts():
+    base = dict(name="DiT-S/2")
+    d, s, ffn = 384, 256, 2 * 384 * 1536
+    dense = flops.forward_macs_per_image(build_model(base))["total"]
+    layers = 6  # odd blocks of 12
+    diffmoe = build_model(dict(base, ffn=dict(kind="diffmoe", num_experts=16)))
+    assert flops.forward_macs_per_image(diffmoe)["total"] == \
+        dense + layers * s * (d * 16 + d * d + d * 16)
+    # C_infer scales only the expert part
+    assert flops.forward_macs_per_image(diffmoe, capacity=0.5)["total"] == \
+        dense + layers * s * (d * 16 + d * d + d * 16 - 0.5 * ffn)
+    tc = build_model(dict(base, ffn=dict(kind="token_choice", num_experts=8, top_k=2)))
+    assert flops.forward_macs_per_image(tc)["total"] == dense + layers * s * (d * 8 + ffn)
+    ec = build_model(dict(base, ffn=dict(kind="expert_choice", num_experts=8, capacity=2.0)))
+    assert flops.forward_macs_per_image(ec)["total"] == dense + layers * s * (d * 8 + ffn)
+
+
+def test_analytic_count_agrees_with_xla_cost_analysis():
+    """XLA also counts elementwise work, so its figure is a little larger, never smaller."""
+    model = build_model(dict(name="custom", depth=2, hidden_size=256, num_heads=4, patch_size=2,
+                             input_size=16, in_channels=4, num_classes=10))
+    x, t, y = jnp.zeros((4, 16, 16, 4)), jnp.zeros((4,)), jnp.zeros((4,), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), x, t, y)
+    analysis = jax.jit(model.apply).lower(params, x, t, y).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    ours = 2 * 4 * flops.forward_macs_per_image(model)["total"]
+    assert 1.0 <= analysis["flops"] / ours < 1.15, analysis["flops"] / ours
+
+
+def test_peak_table_and_mfu():
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert flops.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+    assert flops.peak_flops("TPU v4", "bfloat16") == 275e12
+    assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert flops.peak_flops("TPU v5p", "bfloat16") == 459e12
+    assert flops.peak_flops("cpu", "float32") is None
+    # DiT-XL/2 at 694 images/s on one H100 is the issue's 50 % MFU
+    xl = build_model(dict(name="DiT-XL/2"))
+    per_image = flops.train_flops_per_step(xl, 1)
+    assert np.isclose(flops.mfu(694 * per_image, "H100", "bfloat16", 1), 0.5, atol=0.002)
+    assert flops.sample_flops_per_image(xl, 250, cfg=True) == \
+        2 * 2 * 250 * flops.forward_macs_per_image(xl)["total"]
