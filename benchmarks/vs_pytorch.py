@@ -8,10 +8,12 @@ Both sides do the same work per step: DiT-{S,B,...}/2 on a batch of 32×32×4 la
 sigma, linear schedule, T = 1000), label dropout 0.1, backward, AdamW (lr 1e-4, wd 0) and an
 EMA update of every parameter (decay 0.9999). The official side is `models.py` and
 `diffusion/` of a facebookresearch/DiT checkout, run as its `train.py` runs them; this side is
-the jitted step of `configs/dit_*.py`. Each round times `--steps` steps of one, then of the
-other (each after a 2 s pause, so that the other side's spinning worker threads are
-asleep, and one untimed step); the reported figure of a round is the median step
-time, and the ratio is ours / official (below 1 = this project is faster).
+the jitted step of `configs/dit_*.py`. Each side lives in its own worker process (in one
+process, the two libraries' thread pools and allocators slow each other down by ~10 %); both
+are built and warmed up first, then each round times `--steps` steps of one, then of the other
+(each after a 1 s pause and one untimed step, so that the other side's threads are idle). The
+figure of a round is its median step time; the ratio is ours / official (below 1 = this
+project is faster).
 
 torch and timm are the user's (`pip install torch timm`), never a dependency of the package.
 timm imports torchvision at import time only for its data transforms and frozen batch norm,
@@ -38,6 +40,7 @@ flags.DEFINE_integer("batch", 8, "Images per step.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side and round.")
 flags.DEFINE_string("out", "", "Optional JSON file for the result.")
+flags.DEFINE_enum("worker", None, ["official", "ours"], "Internal: run one side's worker.")
 FLAGS = flags.FLAGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,10 +161,6 @@ def our_step(name: str, batch: int):
 
 
 def timed(step, n: int) -> list[float]:
-    # The other side's worker threads spin for a while after its last step (OpenMP, Eigen):
-    # let them go to sleep first, so each side is timed on an idle machine, as in training.
-    time.sleep(2.0)
-    step()
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -170,29 +169,76 @@ def timed(step, n: int) -> list[float]:
     return out
 
 
+def worker(side: str, name: str, batch: int, official_dit: str) -> None:
+    """One side in its own process: build and warm up the step, then time `n` steps whenever
+    the parent writes `n` on stdin, answering with a JSON line of step times."""
+    if side == "official":
+        DiT_models, create_diffusion, note = import_official(official_dit)
+        step, params = official_step(DiT_models, create_diffusion, name, batch)
+    else:
+        step, params = our_step(name, batch)
+        note = ""
+    step()
+    print(json.dumps({"ready": True, "params": params, "note": note}), flush=True)
+    for line in sys.stdin:
+        # The other side's worker threads may still spin for a moment (OpenMP, Eigen): let
+        # them settle so that each side is timed on an idle machine, as in training.
+        time.sleep(1.0)
+        step()
+        print(json.dumps(timed(step, int(line))), flush=True)
+
+
+class Side:
+    def __init__(self, side: str, name: str):
+        import subprocess
+        cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--models={name}",
+               f"--batch={FLAGS.batch}", f"--official_dit={FLAGS.official_dit}"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"error: the {self} worker died; see its output above.")
+        return json.loads(line)
+
+    def time(self, n: int) -> list[float]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def main(argv):
     del argv
+    if FLAGS.worker:
+        return worker(FLAGS.worker, FLAGS.models[0], FLAGS.batch, FLAGS.official_dit)
     import jax
     import torch
-    DiT_models, create_diffusion, timm_note = import_official(FLAGS.official_dit)
+    import_official(FLAGS.official_dit)  # fail early, with one sentence
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores",
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "jax": jax.__version__, "jax_backend": jax.default_backend(), "timm": timm_note,
+              "jax": jax.__version__, "jax_backend": jax.default_backend(),
               "batch": FLAGS.batch, "models": {}}
     for name in FLAGS.models:
-        sides = {"official": official_step(DiT_models, create_diffusion, name, FLAGS.batch),
-                 "ours": our_step(name, FLAGS.batch)}
-        for step, _ in sides.values():
-            step()  # compile / allocate
+        sides = {"official": Side("official", name), "ours": Side("ours", name)}
+        result["timm"] = sides["official"].info["note"]
         rounds = []
         for r in range(FLAGS.rounds):
-            medians = {k: statistics.median(timed(s, FLAGS.steps)) for k, (s, _) in sides.items()}
+            medians = {k: statistics.median(s.time(FLAGS.steps)) for k, s in sides.items()}
             rounds.append(dict(medians, ratio=medians["ours"] / medians["official"]))
             print(f"{name} round {r}: official {medians['official']:.3f} s/step, ours "
                   f"{medians['ours']:.3f} s/step, ratio {rounds[-1]['ratio']:.3f}", flush=True)
+        for s in sides.values():
+            s.close()
         ratios = [r["ratio"] for r in rounds]
         result["models"][name] = {
-            "params_official": sides["official"][1], "params_ours": sides["ours"][1],
+            "params_official": sides["official"].info["params"],
+            "params_ours": sides["ours"].info["params"],
             "official_s_per_step": statistics.median(r["official"] for r in rounds),
             "ours_s_per_step": statistics.median(r["ours"] for r in rounds),
             "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
