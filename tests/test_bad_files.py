@@ -129,6 +129,26 @@ def test_bad_npz_everywhere_it_is_read(tmp_path, case):
     assert not (tmp_path / "UNPICKLED").exists()
 
 
+@pytest.mark.parametrize("case", NPZ_CASES)
+def test_bad_npz_in_a_workdir(tmp_path, case):
+    """The digits classifier cache and --mode=eval's newest samples file, each named."""
+    from switch_dit_jax.config_base import load_config
+    from switch_dit_jax.eval import digits
+    from switch_dit_jax.train.loop import evaluate_workdir
+    cache = tmp_path / digits.CACHE_FILE
+    samples = tmp_path / "samples" / "samples_00000001.npz"
+    for path, read in ((cache, lambda: digits.classifier_weights(str(tmp_path))),
+                       (samples, lambda: evaluate_workdir(
+                           load_config(os.path.join(ROOT, "configs", "quickstart.py")),
+                           str(tmp_path)))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        npz_cases(tmp_path)[case](path)
+        with pytest.raises(BadFileError) as info:
+            read()
+        assert_names_file(info.value, path)
+    assert not (tmp_path / "UNPICKLED").exists()
+
+
 @pytest.mark.parametrize("value,text", [
     (np.ones((2, 2), np.int32), "int32"),
     (np.ones(3, np.complex64), "complex64"),

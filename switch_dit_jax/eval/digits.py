@@ -22,6 +22,8 @@ from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
 from switch_dit_jax.eval.metrics import compute_statistics, frechet_distance
+from switch_dit_jax.errors import BadFileError
+from switch_dit_jax.files import load_npz
 
 CACHE_FILE = os.path.join("eval_cache", "digits_classifier.npz")
 WEIGHT_KEYS = ("w0", "b0", "w1", "b1")
@@ -58,10 +60,10 @@ def classifier_weights(workdir: str | None = None) -> dict[str, np.ndarray]:
     use), else fitted in this process."""
     path = os.path.join(workdir, CACHE_FILE) if workdir else None
     if path and os.path.exists(path):
-        with np.load(path) as f:
-            if all(k in f.files for k in WEIGHT_KEYS):
-                return {k: f[k] for k in WEIGHT_KEYS}
-        raise ValueError(f"{path!r} is not a digits classifier cache (it lacks {WEIGHT_KEYS}); "
+        weights = load_npz(path, "digits classifier cache", keys=WEIGHT_KEYS)
+        if len(weights) == len(WEIGHT_KEYS):
+            return weights
+        raise BadFileError(f"{path!r} is not a digits classifier cache (it lacks {WEIGHT_KEYS}); "
                          "delete it and it will be rebuilt.")
     clf = digits_classifier()
     weights = dict(zip(WEIGHT_KEYS, (clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1],

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from switch_dit_jax.files import load_npz
+
 log = logging.getLogger("switch_dit_jax")
 
 INPUT_SIZE = 299
@@ -260,8 +262,7 @@ def load_params(path: str) -> dict:
     if not path.endswith(".npz"):
         raise ValueError(f"Inception weight file {path!r} is not an .npz; convert the .pth "
                          f"once (torch is not used at run time) with: {CONVERT_COMMAND}")
-    with np.load(path) as f:
-        sd = {k: f[k] for k in f.files}
+    sd = load_npz(path, "Inception weight file")
     return params_from_state_dict(sd, f"Inception weight file {path!r}")
 
 

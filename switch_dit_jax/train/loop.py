@@ -14,6 +14,8 @@ from clu import parameter_overview
 
 from switch_dit_jax import parallel, sample
 from switch_dit_jax.data import pipeline
+from switch_dit_jax.errors import BadFileError
+from switch_dit_jax.files import load_npz
 from switch_dit_jax.models import build_model
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
@@ -315,8 +317,11 @@ def evaluate_workdir(config, workdir: str) -> dict[str, float]:
                                              and config.eval.inception_weights):
         raise ConfigError("--mode=eval on non-digits data needs --config.eval.reference_npz "
                           "and --config.eval.inception_weights.")
-    with np.load(files[-1]) as f:
-        images, labels = f["arr_0"], f["arr_1"] if "arr_1" in f.files else None
+    arrays = load_npz(files[-1], "samples file", keys=("arr_0", "arr_1"))
+    if "arr_0" not in arrays:
+        raise BadFileError(f"samples file {files[-1]!r} has no 'arr_0' images; write it again "
+                           "with --mode=sample.")
+    images, labels = arrays["arr_0"], arrays.get("arr_1")
     e = config.eval
     result = evaluate_samples(images, labels, data_name=config.data.name, workdir=workdir,
                               reference_npz=e.reference_npz or None,
