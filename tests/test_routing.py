@@ -10,7 +10,6 @@ import optax
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from switch_dit_jax.config_base import load_config
 from switch_dit_jax.diffusion import weighting
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
 from switch_dit_jax.models import build_model, dtr, switch
