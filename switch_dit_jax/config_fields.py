@@ -92,6 +92,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.routing.alpha": number(gt=0),
     "model.routing.beta": number(gt=0, le=1),
     "model.routing.seed": SEED,
+    "model.routing.clusters": POSITIVE,
     "model.routing.num_experts": POSITIVE,
     "model.routing.top_k": POSITIVE,
     "model.routing.integration": TEXT,

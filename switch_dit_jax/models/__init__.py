@@ -13,14 +13,16 @@ from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-ROUTING_KINDS = ("none", "dtr", "random", "switch")
+# "cdtr" / "ercddt": DTR Table 8's clustered masking baselines (models/dtr.py).
+ROUTING_KINDS = ("none", "dtr", "random", "switch", "cdtr", "ercddt")
 # Fields of `config.model.routing` (task routing) and their defaults.
 ROUTING_DEFAULTS = dict(
     kind="none",                  # "none" | "dtr" (DTR) | "random" (R-TR) | "switch" (Switch-DiT)
     num_tasks=1000,               # T: one task per training timestep
     alpha=4.0,                    # DTR window shift exponent (also Switch-DiT's prior map)
     beta=0.8,                     # DTR / R-TR activated channel fraction
-    seed=0,                       # R-TR channels / random allocation
+    seed=0,                       # R-TR channels (one table per block) / random allocation
+    clusters=8,                   # CDTR / ERCDDT timestep clusters (DTR Table 8: 8)
     num_experts=3,                # Switch-DiT M
     top_k=2,                      # Switch-DiT k
     integration="mask_skip_init",  # "direct" | "mask" | "mask_skip" | "mask_skip_init"
@@ -50,7 +52,7 @@ MODEL_DEFAULTS = dict(
     patch_size=None,
     input_size=32,            # spatial size H = W of the model input (latent or pixel)
     in_channels=4,            # channels C of the model input
-    num_classes=1000,         # 1 = unconditional (no label embedding)
+    num_classes=1000,         # 1 = unconditional (one learned label row, as official)
     class_dropout_prob=0.1,   # label dropout for classifier-free guidance
     learn_sigma=True,         # 2C outputs: eps and the interpolation of the variance
     mlp_ratio=4.0,

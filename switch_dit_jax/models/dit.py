@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import layers
+from switch_dit_jax.models import dtr, layers
 from switch_dit_jax.models import moe
-from switch_dit_jax.models.dtr import dtr_masks, random_masks
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
 # (depth, hidden_size, num_heads) of the official sizes.
@@ -102,7 +101,8 @@ class DiT(nn.Module):
 
     `t` are timesteps (float; the Gaussian process passes integers 0..T-1, the flow objective
     passes t in [0, 1]); `y` are class labels in [0, num_classes], num_classes meaning "null".
-    With num_classes == 1 the model is unconditional and has no label embedding.
+    With num_classes == 1 the model is unconditional: its label table is one learned row that
+    every sample adds (the official layout, so official FFHQ checkpoints import).
     """
     input_size: int = 32
     in_channels: int = 4
@@ -152,12 +152,16 @@ class DiT(nn.Module):
         return self.input_size // self.patch_size
 
     def fixed_masks(self) -> np.ndarray | None:
-        """[T, D] routing masks of DTR / R-TR, indexed by the original timestep."""
+        """[T, D] routing masks that every block shares (DTR, CDTR, ERCDDT), indexed by the
+        original timestep; None for the other kinds (R-TR draws a table per block)."""
         r = self.routing or {}
         if self.routing_kind == "dtr":
-            return dtr_masks(r["num_tasks"], self.hidden_size, r["alpha"], r["beta"])
-        if self.routing_kind == "random":
-            return random_masks(r["num_tasks"], self.hidden_size, r["beta"], r["seed"])
+            return dtr.dtr_masks(r["num_tasks"], self.hidden_size, r["alpha"], r["beta"])
+        if self.routing_kind == "cdtr":
+            return dtr.cdtr_masks(r["num_tasks"], self.hidden_size, r["clusters"], r["alpha"],
+                                  r["beta"])
+        if self.routing_kind == "ercddt":
+            return dtr.ercddt_masks(r["num_tasks"], self.hidden_size, r["clusters"])
         return None
 
     @nn.compact
@@ -191,9 +195,8 @@ class DiT(nn.Module):
                 c = t_emb_all[t]
             else:
                 c = t_embedder(t)
-        if self.num_classes > 1:
-            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
-                                         self.class_dropout_prob, name="y_embedder")(y, train)
+        c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                     self.class_dropout_prob, name="y_embedder")(y, train)
         masks = self.fixed_masks()
         fixed_gates = None
         if self.routing_kind == "switch" and r["allocation"] == "random":
@@ -209,6 +212,9 @@ class DiT(nn.Module):
             mask = None
             if masks is not None:
                 mask = jnp.asarray(masks)[t][:, None, :]
+            elif self.routing_kind == "random":
+                mask = dtr.random_mask_rows(r["seed"], i, t, self.hidden_size,
+                                            r["beta"])[:, None, :]
             elif self.routing_kind == "switch":
                 mask = SwitchRouter(
                     r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],

@@ -188,7 +188,9 @@ class LabelEmbedder(nn.Module):
     """Class labels -> vectors, with an extra "null" row used for classifier-free guidance.
 
     Labels equal to `num_classes` select the null row; in training each label is replaced by it
-    with probability `dropout_prob` (rng stream 'dropout').
+    with probability `dropout_prob` (rng stream 'dropout'). An unconditional model
+    (num_classes == 1) has the official one-row table and no null row: every sample adds the
+    same learned vector, as in the official Switch-DiT / DTR FFHQ models.
     """
     num_classes: int
     hidden_size: int
@@ -196,8 +198,11 @@ class LabelEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, labels, train: bool):
+        rows = 1 if self.num_classes == 1 else self.num_classes + 1
         table = self.param("embedding_table", logical(normal_002, ("vocab", "embed")),
-                           (self.num_classes + 1, self.hidden_size), jnp.float32)
+                           (rows, self.hidden_size), jnp.float32)
+        if rows == 1:
+            return jnp.broadcast_to(table[0], labels.shape + (self.hidden_size,))
         if train and self.dropout_prob > 0:
             if not self.has_rng("dropout"):
                 raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "

@@ -14,7 +14,8 @@ Experts are DiT MLPs (D -> r·D -> D, GELU-tanh) stored stacked ([E, ...], logic
   (Algorithm 4; τ replaced by a constant γ for "interval search"), and the layer sows its
   capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
 * `TokenChoiceMoE` (TC-DiT): each token picks its top-k experts, gates unnormalised, sows the
-  load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py).
+  load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py); its router
+  starts as the official kaiming_uniform(a=√5), U(±1/√D).
 * `ExpertChoiceMoE` (EC-DiT): expert choice within each sample, K' = int(S / E · C).
 
 Each layer computes its routing per token and leaves the expert work to a local function run
@@ -73,9 +74,15 @@ def apply_experts(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return out.astype(jnp.float32)
 
 
-def _router_logits(module: nn.Module, x: jax.Array, num_experts: int) -> jax.Array:
-    w_r = module.param("router", layers.logical(nn.initializers.normal(0.006),
-                                                ("embed", "experts")),
+# DiffMoE and EC-DiT: W_r ~ N(0, 0.006). TC-DiT's official MoEGate keeps torch's
+# kaiming_uniform(a=√5) of its [E, D] weight: U(±1/√D), i.e. std 1/√(3D).
+ROUTER_NORMAL = nn.initializers.normal(0.006)
+ROUTER_KAIMING_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _router_logits(module: nn.Module, x: jax.Array, num_experts: int,
+                   init=ROUTER_NORMAL) -> jax.Array:
+    w_r = module.param("router", layers.logical(init, ("embed", "experts")),
                        (x.shape[-1], num_experts), jnp.float32)
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), w_r)
 
@@ -189,7 +196,8 @@ class TokenChoiceMoE(nn.Module):
         b, s, d = x.shape
         e, pool_size = self.num_experts, b * s
         pool = x.reshape(pool_size, d)
-        probs = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
+        probs = jax.nn.softmax(_router_logits(self, pool, e, ROUTER_KAIMING_UNIFORM),
+                               axis=-1)  # [P, E]
         gates, choice = jax.lax.top_k(probs, self.top_k)  # [P, k]
         chosen = jax.nn.one_hot(choice, e)  # [P, k, E]
         routed = jnp.sum(chosen, axis=1)  # [P, E]
