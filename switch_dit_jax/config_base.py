@@ -46,13 +46,19 @@ def get_base_config() -> ConfigDict:
     c.model.ffn.capacity = 1.0        # C_train (DiffMoE, EC-DiT)
     c.model.ffn.top_k = 1             # TC-DiT experts per token
     c.model.ffn.threshold_decay = 0.95  # DiffMoE threshold EMA
-    c.model.ffn.inference = "dynamic"  # DiffMoE: "dynamic" (learned thresholds) | "interval"
+    # DiffMoE inference: "dynamic" (learned thresholds) | "interval" (constant γ) | "static"
+    # (no capacity predictor: each expert takes its top int(static_capacity · pool / E) tokens)
+    c.model.ffn.inference = "dynamic"
     c.model.ffn.interval_threshold = 0.5  # γ of the interval search
+    c.model.ffn.static_capacity = 1.0  # C of the static inference (Table 4: 0.9, 0.95, 1)
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)
     c.diffusion.schedule = "linear"     # beta schedule: "linear" (DiT) | "cosine" (IDDPM)
     c.diffusion.num_timesteps = 1000    # T of the training process
+    # Training timesteps [lo, hi) ((0, 0) = all T): a multi-experts member trains on its own
+    # interval only (Switch-DiT Table A, DTR Table 6; switch_dit_jax/multi_expert.py samples).
+    c.diffusion.t_range = (0, 0)
 
     c.loss = ConfigDict()
     c.loss.weighting = "constant"     # eps-MSE weights: "constant" | "min_snr" | "p2" | "ant_uw"

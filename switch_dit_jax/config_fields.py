@@ -66,6 +66,9 @@ COUNT = integer(0)
 FRACTION = number(ge=0, le=1)
 MESH_SIZE: Rule = ("-1 (the devices left over) or an integer >= 1",
                    lambda v: _is_int(v) and (v == -1 or v >= 1))
+INTERVAL: Rule = ("a pair (lo, hi) of integers with 0 <= lo < hi, or (0, 0)",
+                  lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(_is_int(i) for i in v) and (tuple(v) == (0, 0) or 0 <= v[0] < v[1]))
 WIDTHS: Rule = ("a non-empty tuple of integers >= 1",
                 lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                 and all(_is_int(w) and w >= 1 for w in v))
@@ -105,11 +108,13 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.capacity": number(gt=0),
     "model.ffn.top_k": POSITIVE,
     "model.ffn.threshold_decay": number(ge=0, lt=1),
-    "model.ffn.inference": choice("dynamic", "interval"),
+    "model.ffn.inference": choice("dynamic", "interval", "static"),
+    "model.ffn.static_capacity": number(gt=0),
     "model.ffn.interval_threshold": FRACTION,
     "diffusion.objective": choice("gaussian", "flow"),
     "diffusion.schedule": TEXT,
     "diffusion.num_timesteps": integer(2),
+    "diffusion.t_range": INTERVAL,
     "loss.weighting": TEXT,
     "loss.min_snr_gamma": number(gt=0),
     "loss.p2_gamma": number(ge=0),

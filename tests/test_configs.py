@@ -14,10 +14,12 @@ def config_specs():
     specs = []
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
         name = os.path.basename(path)
-        if name.startswith("switchdit_table"):
+        if name.startswith(("switchdit_table", "dtr_table")):
             module = {}
             exec(open(path).read(), module)  # noqa: S102 - the repository's own config file
             specs += [f"{path}:{row}" for row in module["ROWS"]]
+        elif name.startswith("multi_experts"):
+            specs += [f"{path}:{k}" for k in range(4)]
         elif name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
             specs += [path, f"{path}:ddpm", f"{path}:heun125"]
         else:

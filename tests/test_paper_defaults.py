@@ -11,7 +11,8 @@ from switch_dit_jax.models import build_model, dtr, moe
 def test_token_choice_router_starts_as_torch_kaiming_uniform_a_sqrt5():
     d, e = 512, 16
     x = jnp.zeros((2, 4, d))
-    tc = nn.unbox(moe.TokenChoiceMoE(e, 8).init(jax.random.PRNGKey(0), x))["params"]["router"]
+    tc = nn.unbox(jax.jit(moe.TokenChoiceMoE(e, 8).init)(jax.random.PRNGKey(0), x))
+    tc = tc["params"]["router"]
     w = np.asarray(tc)
     assert w.shape == (d, e)
     # torch: gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound gain·sqrt(3 / fan_in) = 1/sqrt(D).
@@ -20,7 +21,7 @@ def test_token_choice_router_starts_as_torch_kaiming_uniform_a_sqrt5():
     # U(-b, b) has std b/sqrt(3); 8192 draws estimate it to ~1%.
     assert abs(w.std() - 1 / np.sqrt(3 * d)) < 0.03 / np.sqrt(3 * d)
     assert abs(w.mean()) < 0.05 / np.sqrt(3 * d)
-    dm = nn.unbox(moe.DiffMoE(e, 8).init(jax.random.PRNGKey(0), x))["params"]["router"]
+    dm = nn.unbox(jax.jit(moe.DiffMoE(e, 8).init)(jax.random.PRNGKey(0), x))["params"]["router"]
     assert abs(np.asarray(dm).std() - 0.006) < 0.0003  # DiffMoE keeps N(0, 0.006)
 
 
@@ -47,16 +48,17 @@ def test_random_routing_model_masks_block_i_with_table_i():
                                                           beta=0.5))
     model = build_model(cfg)
     x, t = jnp.zeros((2, 8, 8, 1)), jnp.array([4, 31])
-    variables = model.init(jax.random.PRNGKey(0), x, t)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, t)
     seen = {}
 
     def record(next_fn, args, kwargs, context):
         if context.method_name == "__call__" and (context.module.name or "").startswith("blocks_"):
-            seen[context.module.name] = np.asarray(args[2])  # (x, c, mask, train)
+            name = context.module.name  # args: (x, c, mask, train)
+            jax.debug.callback(lambda m: seen.__setitem__(name, np.asarray(m)), args[2])
         return next_fn(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        model.apply(variables, x, t)
+        jax.jit(model.apply)(variables, x, t)
     assert sorted(seen) == ["blocks_0", "blocks_1", "blocks_2"]
     for i in range(3):
         table = dtr.random_masks(50, 32, 0.5, seed=3, block=i)

@@ -40,7 +40,9 @@ FFN_DEFAULTS = dict(
     top_k=1,                  # TC-DiT experts per token
     threshold_decay=0.95,     # DiffMoE threshold EMA
     inference="dynamic",      # DiffMoE inference: "dynamic" (learned τ) | "interval" (constant γ)
+                              # | "static" (top int(C·pool/E) tokens per expert, no predictor)
     interval_threshold=0.5,   # γ of the interval search
+    static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
 )
 
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
@@ -87,9 +89,13 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
                          f"{cfg['num_experts']}.")
     if not cfg["capacity"] > 0:
         raise ValueError(f"model.ffn.capacity={cfg['capacity']} must be > 0.")
-    if cfg["inference"] not in ("dynamic", "interval"):
-        raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic' or "
-                         "'interval'.")
+    if cfg["inference"] not in ("dynamic", "interval", "static"):
+        raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic', "
+                         "'interval' or 'static'.")
+    if not 0 < cfg["static_capacity"] <= cfg["num_experts"]:
+        raise ValueError(f"model.ffn.static_capacity={cfg['static_capacity']} must be in (0, "
+                         f"num_experts={cfg['num_experts']}] (E = every expert takes the whole "
+                         "pool).")
     return cfg
 
 

@@ -134,7 +134,8 @@ class DiT(nn.Module):
             return functools.partial(moe.DiffMoE, f["num_experts"], capacity=f["capacity"],
                                      threshold_decay=f["threshold_decay"],
                                      inference=f["inference"],
-                                     interval_threshold=f["interval_threshold"])
+                                     interval_threshold=f["interval_threshold"],
+                                     static_capacity=f["static_capacity"])
         if kind == "token_choice":
             return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"])
         return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"])

@@ -11,8 +11,9 @@ Experts are DiT MLPs (D -> r·D -> D, GELU-tanh) stored stacked ([E, ...], logic
   sown `capacity_logits` and `dispatch`). Per-expert thresholds τ in the `moe_state`
   collection follow τ <- 0.95 τ + 0.05 q, q = the K-th largest sigmoid(prediction) in the pool.
   In inference, expert e processes the #(sigmoid(pred_e) > τ_e) tokens of highest gate score
-  (Algorithm 4; τ replaced by a constant γ for "interval search"), and the layer sows its
-  capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
+  (Algorithm 4; τ replaced by a constant γ for "interval search"; "static" ignores the
+  predictor and gives every expert its top int(C · pool / E) tokens, Table 4's "w/o"), and the
+  layer sows its capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
 * `TokenChoiceMoE` (TC-DiT): each token picks its top-k experts, gates unnormalised, sows the
   load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py); its router
   starts as the official kaiming_uniform(a=√5), U(±1/√D).
@@ -107,8 +108,11 @@ class DiffMoE(nn.Module):
     hidden_features: int
     capacity: float = 1.0                 # C_train
     threshold_decay: float = 0.95
-    inference: str = "dynamic"            # "dynamic" (learned τ) | "interval" (constant γ)
+    # "dynamic" (learned τ) | "interval" (constant γ) | "static" (no capacity predictor: every
+    # expert takes its top int(static_capacity · pool / E) tokens, DiffMoE Table 4 / Fig. 6)
+    inference: str = "dynamic"
     interval_threshold: float = 0.5       # γ of the interval search
+    static_capacity: float = 1.0          # C of the static top-K inference
     # Inference runs each expert on pool / 2^j tokens for the smallest j that fits (j < this
     # count): compute follows the predicted capacity instead of E x the pool. 1 = whole pool.
     inference_buckets: int = 6
@@ -137,6 +141,8 @@ class DiffMoE(nn.Module):
             if not self.is_initializing():
                 threshold.value = (self.threshold_decay * threshold.value
                                    + (1 - self.threshold_decay) * per_expert["kth"])
+        elif self.inference == "static":
+            y, _, per_expert = expert_parallel.run(self._static_local, pool, routing, experts)
         else:
             tau = threshold.value if self.inference == "dynamic" else jnp.full(
                 (e,), self.interval_threshold)
@@ -147,17 +153,27 @@ class DiffMoE(nn.Module):
 
     def _train_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
-        k = int(self.capacity * pool_size / self.num_experts)
-        if k < 1:
-            raise ValueError(f"DiffMoE capacity {self.capacity} x pool {pool_size} / "
-                             f"{self.num_experts} experts selects no token; use a larger batch "
-                             "or capacity.")
+        k = self._top_k(self.capacity, pool_size)
         y, index = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
         dispatch = jnp.zeros((e, pool_size), jnp.float32).at[
             jnp.arange(e)[:, None], index].set(1.0).T  # [P, e]
         kth = jax.lax.top_k(routing["predicted"].T, k)[0][:, -1]  # [e]
         capacity = jnp.full((e,), k * self.num_experts / pool_size)
         return y, {"dispatch": dispatch}, {"kth": kth, "capacity": capacity}
+
+    def _top_k(self, capacity: float, pool_size: int) -> int:
+        k = int(capacity * pool_size / self.num_experts)
+        if k < 1:
+            raise ValueError(f"DiffMoE capacity {capacity} x pool {pool_size} / "
+                             f"{self.num_experts} experts selects no token; use a larger batch "
+                             "or capacity.")
+        return min(k, pool_size)
+
+    def _static_local(self, pool, routing, experts):
+        pool_size, e = routing["scores"].shape
+        k = self._top_k(self.static_capacity, pool_size)
+        y, _ = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
+        return y, {}, {"capacity": jnp.full((e,), k * self.num_experts / pool_size)}
 
     def _inference_local(self, pool, routing, experts):
         pool_size = pool.shape[0]
