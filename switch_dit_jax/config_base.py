@@ -51,6 +51,10 @@ def get_base_config() -> ConfigDict:
     c.model.ffn.inference = "dynamic"
     c.model.ffn.interval_threshold = 0.5  # γ of the interval search
     c.model.ffn.static_capacity = 1.0  # C of the static inference (Table 4: 0.9, 0.95, 1)
+    c.model.ffn.swiglu = False        # SwiGLU experts and dense FFNs (official use_swiglu)
+    # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
+    # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
+    c.model.ffn.shared_experts = 0
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)

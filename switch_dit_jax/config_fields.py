@@ -110,6 +110,8 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.threshold_decay": number(ge=0, lt=1),
     "model.ffn.inference": choice("dynamic", "interval", "static"),
     "model.ffn.static_capacity": number(gt=0),
+    "model.ffn.swiglu": BOOLEAN,
+    "model.ffn.shared_experts": COUNT,
     "model.ffn.interval_threshold": FRACTION,
     "diffusion.objective": choice("gaussian", "flow"),
     "diffusion.schedule": TEXT,

@@ -121,3 +121,43 @@ def test_static_top_k_inference_gives_every_expert_exactly_c_p_over_e_tokens(cap
             expected[token] += scores[token, j] * np.asarray(h @ w["fc2_kernel"][j]
                                                              + w["fc2_bias"][j])
     np.testing.assert_allclose(np.asarray(y).reshape(b * s, d), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_swiglu_experts_and_shared_expert_follow_the_official_modules():
+    b, s, d, e, f = 2, 6, 8, 4, 16
+    x = jax.random.normal(jax.random.PRNGKey(4), (b, s, d))
+    layer = moe.DiffMoE(e, f, swiglu=True, shared_experts=1)
+    variables = nn.unbox(jax.jit(layer.init, static_argnums=2)(jax.random.PRNGKey(1), x, True))
+    variables.pop("aux", None)
+    p = jax.tree.map(lambda w: w + 0.05 * jnp.sin(jnp.arange(w.size).reshape(w.shape)),
+                     variables["params"])
+    variables["params"] = p
+    assert {k: v.shape for k, v in p["experts"].items()} == {
+        "gate_kernel": (e, d, f), "up_kernel": (e, d, f), "down_kernel": (e, f, d)}
+    # DiffMoE's shared expert: one GELU MLP of hidden 2·(r·D) = 8·D (with biases).
+    assert p["shared_experts"]["fc1"]["kernel"].shape == (d, 2 * f)
+    y, _ = jax.jit(lambda v, x: layer.apply(v, x, True, mutable=["aux", "moe_state"]))(
+        variables, x)
+    pool = np.asarray(x).reshape(b * s, d)
+    scores = np.asarray(jax.nn.softmax(pool @ np.asarray(p["router"]), axis=-1))
+    w, sh = p["experts"], p["shared_experts"]
+    expected = np.zeros_like(pool)
+    for j in range(e):  # training: every expert takes its top C·P/E = 3 tokens
+        for token in np.argsort(-scores[:, j], kind="stable")[:3]:
+            gate, up = pool[token] @ w["gate_kernel"][j], pool[token] @ w["up_kernel"][j]
+            expected[token] += scores[token, j] * np.asarray(
+                (gate / (1 + np.exp(-gate)) * up) @ w["down_kernel"][j])
+    hidden = nn.gelu(pool @ sh["fc1"]["kernel"] + sh["fc1"]["bias"], approximate=True)
+    expected += np.asarray(hidden @ sh["fc2"]["kernel"] + sh["fc2"]["bias"])
+    np.testing.assert_allclose(np.asarray(y).reshape(b * s, d), expected, rtol=2e-5, atol=2e-5)
+    # TC-DiT / EC-DiT: the shared expert is a SwiGLU of width n·D; dense blocks turn SwiGLU too.
+    tc = moe.TokenChoiceMoE(e, f, shared_experts=2)
+    shapes = jax.eval_shape(tc.init, jax.random.PRNGKey(0), x)["params"]["shared_experts"]
+    assert nn.unbox(shapes)["ffn"]["gate_proj"]["kernel"].shape == (d, 2 * d)
+    model = build_model(dict(name="custom", depth=2, hidden_size=32, num_heads=2, patch_size=4,
+                             input_size=8, in_channels=1, num_classes=10,
+                             ffn=dict(kind="diffmoe", num_experts=4, swiglu=True)))
+    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)),
+                          jnp.zeros((2,)), jnp.zeros((2,), jnp.int32))["params"]
+    assert set(tree["blocks_0"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    assert "gate_kernel" in tree["blocks_1"]["mlp"]["experts"]

@@ -43,6 +43,8 @@ FFN_DEFAULTS = dict(
                               # | "static" (top int(C·pool/E) tokens per expert, no predictor)
     interval_threshold=0.5,   # γ of the interval search
     static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
+    swiglu=False,             # SwiGLU experts and dense FFNs (official use_swiglu)
+    shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
 )
 
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
@@ -81,6 +83,9 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = with_defaults(FFN_DEFAULTS, ffn, "model.ffn")
     if cfg["kind"] not in MOE_KINDS:
         raise ValueError(f"model.ffn.kind={cfg['kind']!r}; use one of {list(MOE_KINDS)}.")
+    if not isinstance(cfg["shared_experts"], int) or cfg["shared_experts"] < 0:
+        raise ValueError(f"model.ffn.shared_experts={cfg['shared_experts']!r} must be an "
+                         "integer >= 0.")
     for key in ("num_experts", "every", "top_k"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"model.ffn.{key}={cfg[key]!r} must be a positive integer.")

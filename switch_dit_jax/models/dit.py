@@ -129,16 +129,20 @@ class DiT(nn.Module):
         f = self.ffn or {}
         kind = f.get("kind", "mlp")
         if kind == "mlp" or block < f["first"] or (block - f["first"]) % f["every"]:
-            return layers.Mlp
+            # DiffMoE's use_swiglu makes the dense FFNs SwiGLUs too.
+            return layers.SwiGLU if f.get("swiglu") else layers.Mlp
+        common = dict(swiglu=f["swiglu"], shared_experts=f["shared_experts"])
         if kind == "diffmoe":
             return functools.partial(moe.DiffMoE, f["num_experts"], capacity=f["capacity"],
                                      threshold_decay=f["threshold_decay"],
                                      inference=f["inference"],
                                      interval_threshold=f["interval_threshold"],
-                                     static_capacity=f["static_capacity"])
+                                     static_capacity=f["static_capacity"], **common)
         if kind == "token_choice":
-            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"])
-        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"])
+            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
+                                     **common)
+        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
+                                 **common)
 
     @property
     def routing_kind(self) -> str:

@@ -243,6 +243,25 @@ class Mlp(nn.Module):
         return dense(d, ("mlp", "embed"), self.dtype, name="fc2")(h)
 
 
+class SwiGLU(nn.Module):
+    """DiffMoE's `use_swiglu` FFN (its MoeMLP): down(SiLU(gate(x)) · up(x)), bias-free Linears
+    D -> hidden, D -> hidden, hidden -> D (hidden = r·D, as its GELU MLP)."""
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        d, x = x.shape[-1], x.astype(self.dtype)
+
+        def linear(features, names, name):
+            return Dense(features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=logical(xavier_uniform, names), name=name)
+        h = nn.silu(linear(self.hidden_features, ("embed", "mlp"), "gate_proj")(x)) * linear(
+            self.hidden_features, ("embed", "mlp"), "up_proj")(x)
+        return linear(d, ("mlp", "embed"), "down_proj")(h)
+
+
 class AdaLNModulation(nn.Module):
     """SiLU(c) -> zero-initialised Linear(D, n·D), split into n vectors (adaLN-Zero)."""
     num_chunks: int

@@ -43,10 +43,12 @@ MOE_KINDS = ("mlp", "diffmoe", "token_choice", "expert_choice")
 
 
 class StackedExperts(nn.Module):
-    """The weights of E DiT MLPs (D -> hidden -> D), stacked along a leading expert axis."""
+    """The weights of E DiT MLPs (D -> hidden -> D), stacked along a leading expert axis; with
+    `swiglu`, of E bias-free SwiGLU FFNs (DiffMoE's use_swiglu experts)."""
     num_experts: int
     features: int
     hidden_features: int
+    swiglu: bool = False
 
     @nn.compact
     def __call__(self) -> dict[str, jax.Array]:
@@ -54,6 +56,12 @@ class StackedExperts(nn.Module):
         # xavier per expert, as each expert is an nn.Linear pair in the official code.
         init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2,
                                                 out_axis=-1)
+        if self.swiglu:
+            names = {"gate_kernel": ("embed", "mlp"), "up_kernel": ("embed", "mlp"),
+                     "down_kernel": ("mlp", "embed")}
+            return {name: self.param(name, layers.logical(init, ("experts",) + axes),
+                                     (e, d, f) if axes[0] == "embed" else (e, f, d), jnp.float32)
+                    for name, axes in names.items()}
         return {
             "fc1_kernel": self.param("fc1_kernel", layers.logical(
                 init, ("experts", "embed", "mlp")), (e, d, f), jnp.float32),
@@ -69,6 +77,11 @@ class StackedExperts(nn.Module):
 def apply_experts(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     """Expert e of the stack `w` on its token group x[e]: [e, K, D] -> [e, K, D] (float32)."""
     dtype = x.dtype
+    if "gate_kernel" in w:  # SwiGLU experts
+        gate = jnp.einsum("ekd,edf->ekf", x, w["gate_kernel"].astype(dtype))
+        up = jnp.einsum("ekd,edf->ekf", x, w["up_kernel"].astype(dtype))
+        return jnp.einsum("ekf,efd->ekd", nn.silu(gate) * up,
+                          w["down_kernel"].astype(dtype)).astype(jnp.float32)
     h = jnp.einsum("ekd,edf->ekf", x, w["fc1_kernel"].astype(dtype))
     h = nn.gelu(h + w["fc1_bias"][:, None].astype(dtype), approximate=True)
     out = jnp.einsum("ekf,efd->ekd", h, w["fc2_kernel"].astype(dtype)) + w["fc2_bias"][:, None]
@@ -102,6 +115,26 @@ def _expert_choice(pool, scores, gate_weight, experts):
     return _scatter_add(pool.shape[0], index, out), index
 
 
+def shared_expert(kind: str, count: int, hidden_features: int, dtype) -> nn.Module | None:
+    """The always-on expert that official mixtures add to their output when
+    n_shared_experts > 0: DiffMoE's is one GELU MLP twice the expert width (whatever the
+    count); TC-DiT's and EC-DiT's a SwiGLU of width count·D."""
+    if count == 0:
+        return None
+    if kind == "diffmoe":
+        return layers.Mlp(2 * hidden_features, dtype, name="shared_experts")
+    return _SharedSwiGLU(count, dtype, name="shared_experts")
+
+
+class _SharedSwiGLU(nn.Module):
+    count: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return layers.SwiGLU(self.count * x.shape[-1], self.dtype, name="ffn")(x, train)
+
+
 class DiffMoE(nn.Module):
     """Batch-level global token pool with expert choice and a capacity predictor."""
     num_experts: int
@@ -116,12 +149,15 @@ class DiffMoE(nn.Module):
     # Inference runs each expert on pool / 2^j tokens for the smallest j that fits (j < this
     # count): compute follows the predicted capacity instead of E x the pool. 1 = whole pool.
     inference_buckets: int = 6
+    swiglu: bool = False                  # SwiGLU experts (official use_swiglu)
+    shared_experts: int = 0               # official n_shared_experts (see shared_expert)
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b, s, d = x.shape
         e = self.num_experts
+        shared = shared_expert("diffmoe", self.shared_experts, self.hidden_features, self.dtype)
         pool = x.reshape(b * s, d)
         routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
         predictor = nn.Sequential([
@@ -130,7 +166,7 @@ class DiffMoE(nn.Module):
         pred_logits = predictor(jax.lax.stop_gradient(pool))  # [P, E]
         routing["predicted"] = jax.nn.sigmoid(pred_logits)
         threshold = self.variable("moe_state", "threshold", lambda: jnp.zeros((e,), jnp.float32))
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
         pool = pool.astype(self.dtype)
 
         if train:
@@ -149,7 +185,8 @@ class DiffMoE(nn.Module):
             y, _, per_expert = expert_parallel.run(self._inference_local, pool, routing,
                                                    {**experts, "threshold": tau})
         self.sow("aux", "capacity", per_expert["capacity"])  # C^E, Eq. 8
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)
 
     def _train_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
@@ -205,12 +242,16 @@ class TokenChoiceMoE(nn.Module):
     num_experts: int
     hidden_features: int
     top_k: int = 1
+    swiglu: bool = False
+    shared_experts: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b, s, d = x.shape
         e, pool_size = self.num_experts, b * s
+        shared = shared_expert("token_choice", self.shared_experts, self.hidden_features,
+                               self.dtype)
         pool = x.reshape(pool_size, d)
         probs = jax.nn.softmax(_router_logits(self, pool, e, ROUTER_KAIMING_UNIFORM),
                                axis=-1)  # [P, E]
@@ -218,13 +259,14 @@ class TokenChoiceMoE(nn.Module):
         chosen = jax.nn.one_hot(choice, e)  # [P, k, E]
         routed = jnp.sum(chosen, axis=1)  # [P, E]
         weight = jnp.sum(chosen * gates[..., None], axis=1)
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
         y, _, _ = expert_parallel.run(_token_choice_local, pool.astype(self.dtype),
                                       {"weight": weight}, experts)
         self.sow("aux", "balance_probs", probs.mean(0))              # P_e
         self.sow("aux", "balance_fraction", routed.mean(0) / self.top_k)  # f_e
         self.sow("aux", "capacity", routed.sum(0) * e / (pool_size * self.top_k))
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)
 
 
 def _token_choice_local(pool, routing, experts):
@@ -239,6 +281,8 @@ class ExpertChoiceMoE(nn.Module):
     num_experts: int
     hidden_features: int
     capacity: float = 1.0
+    swiglu: bool = False
+    shared_experts: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -246,9 +290,11 @@ class ExpertChoiceMoE(nn.Module):
         b, s, d = x.shape
         e = self.num_experts
         k = max(int(s / e * self.capacity), 1)
+        shared = shared_expert("expert_choice", self.shared_experts, self.hidden_features,
+                               self.dtype)
         pool = x.reshape(b * s, d)
         scores = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
 
         def local(pool, routing, experts):  # samples are whole within a pool
             def one_sample(tokens, sample_scores):
@@ -262,4 +308,5 @@ class ExpertChoiceMoE(nn.Module):
         y, _, _ = expert_parallel.run(local, pool.astype(self.dtype), {"scores": scores},
                                       experts)
         self.sow("aux", "capacity", jnp.full((e,), k * e / s))
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)
