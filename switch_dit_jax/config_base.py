@@ -17,6 +17,7 @@ def get_base_config() -> ConfigDict:
     c.model.hidden_size = None
     c.model.num_heads = None
     c.model.patch_size = None
+    c.model.head_dim = None           # attention head width (DiffMoE option; None = width/heads)
     c.model.input_size = 32           # model input H = W (32 = 256px images as SD latents)
     c.model.in_channels = 4           # model input channels (4 = SD latents)
     c.model.num_classes = 1000        # 1 = unconditional (one learned label row, as official)

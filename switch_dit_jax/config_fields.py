@@ -82,6 +82,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.hidden_size": optional(POSITIVE),
     "model.num_heads": optional(POSITIVE),
     "model.patch_size": optional(POSITIVE),
+    "model.head_dim": optional(POSITIVE),
     "model.input_size": POSITIVE,
     "model.in_channels": POSITIVE,
     "model.num_classes": POSITIVE,

@@ -8,7 +8,7 @@ import pytest
 
 from switch_dit_jax import multi_expert, parallel
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
-from switch_dit_jax.models import DiT, build_model, dtr, moe
+from switch_dit_jax.models import DiT, build_model, dtr, layers, moe
 from switch_dit_jax.train.state import create_train_state, make_optimizer
 from switch_dit_jax.train.step import make_diffusion, make_train_step
 
@@ -161,3 +161,26 @@ def test_swiglu_experts_and_shared_expert_follow_the_official_modules():
                           jnp.zeros((2,)), jnp.zeros((2,), jnp.int32))["params"]
     assert set(tree["blocks_0"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
     assert "gate_kernel" in tree["blocks_1"]["mlp"]["experts"]
+
+
+def test_head_dim_decouples_the_attention_width_from_the_model_width():
+    b, s, d, heads, head_dim = 2, 5, 32, 2, 24  # inner width 48 != 32
+    x = jax.random.normal(jax.random.PRNGKey(6), (b, s, d))
+    layer = layers.Attention(heads, head_dim=head_dim)
+    p = nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x))["params"]
+    p = jax.tree.map(lambda w: w + 0.02 * jnp.cos(jnp.arange(w.size).reshape(w.shape)), p)
+    assert p["qkv"]["kernel"].shape == (d, 3 * heads * head_dim)
+    assert p["proj"]["kernel"].shape == (heads * head_dim, d)
+    out = jax.jit(layer.apply)({"params": p}, x)
+    qkv = (np.asarray(x) @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(b, s, 3, heads,
+                                                                           head_dim)
+    q, k, v = (np.moveaxis(qkv[:, :, i], 2, 1) for i in range(3))  # [b, h, s, hd]
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(head_dim)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    mixed = np.moveaxis(attn @ v, 1, 2).reshape(b, s, heads * head_dim)
+    expected = mixed @ p["proj"]["kernel"] + p["proj"]["bias"]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+    model = build_model(dict(name="custom", depth=1, hidden_size=36, num_heads=5, head_dim=8,
+                             patch_size=4, input_size=8, in_channels=1, num_classes=10))
+    assert model.head_dim == 8  # 36 is not divisible by 5 heads: head_dim makes it valid

@@ -54,6 +54,7 @@ MODEL_DEFAULTS = dict(
     hidden_size=None,
     num_heads=None,
     patch_size=None,
+    head_dim=None,            # attention head width (DiffMoE's option); None = hidden / heads
     input_size=32,            # spatial size H = W of the model input (latent or pixel)
     in_channels=4,            # channels C of the model input
     num_classes=1000,         # 1 = unconditional (one learned label row, as official)
@@ -146,7 +147,11 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model.patch_size={cfg['patch_size']} does not divide "
                          f"model.input_size={cfg['input_size']}; choose a patch size that "
                          "divides the input size.")
-    if cfg["hidden_size"] % cfg["num_heads"]:
+    if cfg["head_dim"] is not None and not (isinstance(cfg["head_dim"], int)
+                                            and cfg["head_dim"] >= 1):
+        raise ValueError(f"model.head_dim={cfg['head_dim']!r} must be None or a positive "
+                         "integer.")
+    if cfg["head_dim"] is None and cfg["hidden_size"] % cfg["num_heads"]:
         raise ValueError(f"model.num_heads={cfg['num_heads']} does not divide "
                          f"model.hidden_size={cfg['hidden_size']}.")
     if cfg["hidden_size"] % 4:
@@ -180,8 +185,8 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
                          f"{list(REMAT_POLICIES)}.")
     cfg = resolve_model_config(model_config)
     dtype = COMPUTE_DTYPES[cfg["compute_dtype"]]
-    attention_impl = choose_implementation(cfg["attention_impl"], dtype,
-                                           cfg["hidden_size"] // cfg["num_heads"])
+    head_dim = cfg["head_dim"] or cfg["hidden_size"] // cfg["num_heads"]
+    attention_impl = choose_implementation(cfg["attention_impl"], dtype, head_dim)
     return DiT(
         input_size=cfg["input_size"], in_channels=cfg["in_channels"],
         patch_size=cfg["patch_size"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
@@ -189,7 +194,8 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
         num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
         learn_sigma=cfg["learn_sigma"], dtype=dtype,
         attention_impl=attention_impl, remat_policy=remat_policy,
-        routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]))
+        routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]),
+        head_dim=cfg["head_dim"])
 
 
 __all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS",

@@ -59,6 +59,7 @@ class DiTBlock(nn.Module):
     # Builds the FFN: ffn_factory(hidden_features=..., dtype=..., name="mlp") -> module(x).
     ffn_factory: Callable[..., nn.Module] = layers.Mlp
     integration: str = "mask_skip"
+    head_dim: int | None = None  # attention head width (None = hidden_size / num_heads)
 
     @nn.compact
     def __call__(self, x, c, mask=None, train: bool = False):
@@ -71,7 +72,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.AdaLNModulation(
             6, self.dtype, name="adaLN_modulation")(c)
         h = layers.modulated_layer_norm(x, shift_msa, scale_msa)
-        h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+        h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, self.head_dim,
+                             name="attn")(h)
         x = x + gate_msa[:, None] * h.astype(jnp.float32)
         h = layers.modulated_layer_norm(x, shift_mlp, scale_mlp)
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
@@ -123,6 +125,7 @@ class DiT(nn.Module):
     routing: Mapping[str, Any] | None = None
     # Feed-forward networks (dense MLP or a mixture): see models.FFN_DEFAULTS for the fields.
     ffn: Mapping[str, Any] | None = None
+    head_dim: int | None = None  # attention head width (DiffMoE's option; None = D / heads)
 
     def ffn_factory(self, block: int) -> Callable[..., nn.Module]:
         """The FFN of block `block`: a mixture in every `every`-th block from `first`."""
@@ -229,7 +232,8 @@ class DiT(nn.Module):
                 else "mask_skip"
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
-                          integration=integration, name=f"blocks_{i}")(h, c, mask, train)
+                          integration=integration, head_dim=self.head_dim,
+                          name=f"blocks_{i}")(h, c, mask, train)
             h = layers.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)

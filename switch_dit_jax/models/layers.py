@@ -213,19 +213,26 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim])."""
+    """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim]).
+
+    `head_dim` (DiffMoE's option) decouples the head width from D: qkv maps D to
+    3·heads·head_dim and proj maps heads·head_dim back to D; None means D / heads.
+    """
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"  # "xla" | "cudnn": see models/attention.py
+    head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x):
         b, s, d = x.shape
-        qkv = dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
-        qkv = qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads)
+        head_dim = self.head_dim or d // self.num_heads
+        inner = self.num_heads * head_dim
+        qkv = dense(3 * inner, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
+        qkv = qkv.reshape(b, s, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = attention.multi_head_attention(q, k, v, self.implementation)
-        return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, d))
+        return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, inner))
 
 
 class Mlp(nn.Module):
