@@ -62,7 +62,8 @@ def random_mask_rows(seed: int, block: int, t: jax.Array, channels: int,
 def random_masks(num_tasks: int, channels: int, beta: float, seed: int,
                  block: int = 0) -> np.ndarray:
     """The whole [T, C] R-TR table of one block (what `random_mask_rows` draws row by row)."""
-    return np.asarray(random_mask_rows(seed, block, jnp.arange(num_tasks), channels, beta))
+    rows = jax.jit(random_mask_rows, static_argnums=(3, 4))
+    return np.asarray(rows(seed, block, jnp.arange(num_tasks), channels, beta))
 
 
 def timestep_clusters(num_tasks: int, num_clusters: int) -> np.ndarray:
