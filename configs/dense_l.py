@@ -2,12 +2,13 @@
 reference of its Table 3 at equal activated parameters (C_train = 1 mixtures process each token
 once, as this MLP does).
 
-    --config=configs/dense_l.py (rectified flow)   --config=configs/dense_l.py:ddpm
+Objective and sampling protocol (config argument; all guided rows use CFG 1.5):
+    :flow (default) = :euler250   rectified flow, Euler 250 steps (Tables 3, 4, 8, 10)
+    :heun125                      rectified flow, Heun 125 steps (SOTA rows, Tables 2, 5)
+    :ddpm                         IDDPM, 250 DDPM steps, CFG on the first 3 latent channels
 """
-from switch_dit_jax.config_base import get_base_config, use_flow_objective
+from switch_dit_jax.config_base import dense_config
 
 
 def get_config(objective: str = "flow"):
-    config = get_base_config()
-    config.model.name = "DiT-L/2"
-    return use_flow_objective(config, objective)
+    return dense_config("L", objective)

@@ -2,8 +2,10 @@
 blocks, batch-level global token pool, capacity predictor) on ImageNet 256x256 SD latents
 (sd-vae-ft-mse), class-conditional: DiffMoE paper Table 1 / Table 4 (139M total parameters).
 
-    --config=configs/diffmoe_s_e16.py         rectified flow (DiffMoE-S-E16-Flow)
-    --config=configs/diffmoe_s_e16.py:ddpm    DDPM objective (DiffMoE-S-E16-DDPM)
+Objective and sampling protocol (config argument; all guided rows use CFG 1.5):
+    :flow (default) = :euler250   rectified flow, Euler 250 steps (Tables 3, 4, 8, 10)
+    :heun125                      rectified flow, Heun 125 steps (SOTA rows, Tables 2, 5)
+    :ddpm                         IDDPM, 250 DDPM steps, CFG on the first 3 latent channels
 """
 from switch_dit_jax.config_base import mixture_config
 

@@ -2,12 +2,13 @@
 baseline (Peebles & Xie 2023; the DiT rows of the Switch-DiT, DTR and DiffMoE tables).
 
 Train from latents written by this package: --config.data.dir=/path/to/imagenet_latents.
+Samples as facebookresearch/DiT: CFG 1.5 on the first 3 latent channels, 250 DDPM steps (the
+vanilla DiT of the Switch-DiT / DTR code guides every channel: --config.sample.cfg_channels=0).
 """
-from switch_dit_jax.config_base import get_base_config
+from switch_dit_jax.config_base import dit_config
 
 
 def get_config():
-    config = get_base_config()
-    config.model.name = "DiT-B/2"  # the registry name; its depth/width/heads come with it
-    config.data.name = "latents"    # ArrayRecord latents of ImageNet-256
+    config = dit_config("DiT-B/2")  # the registry name; its depth/width/heads come with it
+    config.data.name = "latents"     # ArrayRecord latents of ImageNet-256
     return config

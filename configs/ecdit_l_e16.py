@@ -1,7 +1,10 @@
 """EC-DiT-L-E16 (expert choice within each sample, K' = int(S/E · C), C = 1)
 at the activated parameters of the dense DiT-L: the DiffMoE paper's Table 3 baseline.
 
-    --config=configs/ecdit_l_e16.py (rectified flow)   --config=configs/ecdit_l_e16.py:ddpm
+Objective and sampling protocol (config argument; all guided rows use CFG 1.5):
+    :flow (default) = :euler250   rectified flow, Euler 250 steps (Tables 3, 4, 8, 10)
+    :heun125                      rectified flow, Heun 125 steps (SOTA rows, Tables 2, 5)
+    :ddpm                         IDDPM, 250 DDPM steps, CFG on the first 3 latent channels
 """
 from switch_dit_jax.config_base import mixture_config
 

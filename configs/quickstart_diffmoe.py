@@ -15,6 +15,6 @@ def get_config():
                                       "quickstart.py"))
     config.model.ffn.kind = "diffmoe"
     config.model.ffn.num_experts = 4
-    config = use_flow_objective(config, "flow")
+    config = use_flow_objective(config, "heun125")
     config.sample.num_steps = 50  # Heun: 100 network evaluations, as the quickstart's DDPM
     return config

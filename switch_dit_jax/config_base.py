@@ -17,20 +17,23 @@ def get_base_config() -> ConfigDict:
     c.model.hidden_size = None
     c.model.num_heads = None
     c.model.patch_size = None
+    c.model.head_dim = None           # attention head width (DiffMoE option; None = width/heads)
     c.model.input_size = 32           # model input H = W (32 = 256px images as SD latents)
     c.model.in_channels = 4           # model input channels (4 = SD latents)
-    c.model.num_classes = 1000        # 1 = unconditional (no label embedding)
+    c.model.num_classes = 1000        # 1 = unconditional (one learned label row, as official)
     c.model.class_dropout_prob = 0.1  # label dropout for classifier-free guidance
     c.model.learn_sigma = True        # predict the variance too (IDDPM hybrid loss mse + vb)
     c.model.mlp_ratio = 4.0           # FFN width / model width
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
     c.model.attention_impl = "auto"   # "auto" (cuDNN flash on GPU in 16-bit, else XLA) | "xla" | "cudnn"
     c.model.routing = ConfigDict()    # task routing (DTR / R-TR / Switch-DiT)
-    c.model.routing.kind = "none"     # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT)
+    # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT) | "cdtr" | "ercddt" (DTR Table 8)
+    c.model.routing.kind = "none"
     c.model.routing.num_tasks = 1000  # T: one task per training timestep
     c.model.routing.alpha = 4.0       # DTR window shift exponent (and Switch-DiT's prior map)
     c.model.routing.beta = 0.8        # DTR / R-TR activated channel fraction
-    c.model.routing.seed = 0          # R-TR channel draw / random allocation seed
+    c.model.routing.seed = 0          # R-TR channel draw (a table per block) / random allocation
+    c.model.routing.clusters = 8      # CDTR / ERCDDT timestep clusters
     c.model.routing.num_experts = 3   # Switch-DiT M experts per block
     c.model.routing.top_k = 2         # Switch-DiT k active experts
     c.model.routing.integration = "mask_skip_init"  # direct | mask | mask_skip | mask_skip_init
@@ -44,13 +47,23 @@ def get_base_config() -> ConfigDict:
     c.model.ffn.capacity = 1.0        # C_train (DiffMoE, EC-DiT)
     c.model.ffn.top_k = 1             # TC-DiT experts per token
     c.model.ffn.threshold_decay = 0.95  # DiffMoE threshold EMA
-    c.model.ffn.inference = "dynamic"  # DiffMoE: "dynamic" (learned thresholds) | "interval"
+    # DiffMoE inference: "dynamic" (learned thresholds) | "interval" (constant γ) | "static"
+    # (no capacity predictor: each expert takes its top int(static_capacity · pool / E) tokens)
+    c.model.ffn.inference = "dynamic"
     c.model.ffn.interval_threshold = 0.5  # γ of the interval search
+    c.model.ffn.static_capacity = 1.0  # C of the static inference (Table 4: 0.9, 0.95, 1)
+    c.model.ffn.swiglu = False        # SwiGLU experts and dense FFNs (official use_swiglu)
+    # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
+    # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
+    c.model.ffn.shared_experts = 0
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)
     c.diffusion.schedule = "linear"     # beta schedule: "linear" (DiT) | "cosine" (IDDPM)
     c.diffusion.num_timesteps = 1000    # T of the training process
+    # Training timesteps [lo, hi) ((0, 0) = all T): a multi-experts member trains on its own
+    # interval only (Switch-DiT Table A, DTR Table 6; switch_dit_jax/multi_expert.py samples).
+    c.diffusion.t_range = (0, 0)
 
     c.loss = ConfigDict()
     c.loss.weighting = "constant"     # eps-MSE weights: "constant" | "min_snr" | "p2" | "ant_uw"
@@ -175,19 +188,37 @@ def load_config(path: str, overrides: dict | None = None) -> ConfigDict:
     return config
 
 
+# Classifier-free guidance scale of the three papers' guided results (Switch-DiT, DTR: the
+# official eval configs; DiffMoE: "cfg=1.5"). The base default (4.0) is DiT's sample script's.
+PAPER_CFG_SCALE = 1.5
+
+
+def dit_config(model_name: str) -> ConfigDict:
+    """DiT on ImageNet latents as facebookresearch/DiT samples it: CFG 1.5 on the first 3 latent
+    channels (its forward_with_cfg; DiT-XL/2's FID 2.27 is measured so), 250 DDPM steps."""
+    c = get_base_config()
+    c.model.name = model_name
+    c.sample.cfg_scale = PAPER_CFG_SCALE
+    c.sample.cfg_channels = 3
+    return c
+
+
 def dtr_config(model_name: str) -> ConfigDict:
-    """DiT + DTR routing (α 4, β 0.8) on ImageNet latents, cosine schedule (the papers' text)."""
+    """DiT + DTR routing (α 4, β 0.8) on ImageNet latents, cosine schedule (the papers' text);
+    CFG 1.5 on every channel, as the official DTR sampler."""
     c = get_base_config()
     c.model.name = model_name
     c.model.routing.kind = "dtr"
     c.model.routing.alpha = 4.0
     c.model.routing.beta = 0.8
     c.diffusion.schedule = "cosine"
+    c.sample.cfg_scale = PAPER_CFG_SCALE
     return c
 
 
 def switchdit_config(model_name: str) -> ConfigDict:
-    """Switch-DiT (M 3, k 2, mask+skip+init, λ_dp 1) on ImageNet latents, cosine schedule."""
+    """Switch-DiT (M 3, k 2, mask+skip+init, λ_dp 1) on ImageNet latents, cosine schedule;
+    CFG 1.5 on every channel, as the official Switch-DiT sampler."""
     c = get_base_config()
     c.model.name = model_name
     c.model.routing.kind = "switch"
@@ -196,19 +227,38 @@ def switchdit_config(model_name: str) -> ConfigDict:
     c.model.routing.integration = "mask_skip_init"
     c.loss.prior_weight = 1.0
     c.diffusion.schedule = "cosine"
+    c.sample.cfg_scale = PAPER_CFG_SCALE
     return c
 
 
+# The DiffMoE paper's objective and sampling protocol, named by a config's argument:
+#   "flow" = "euler250": rectified flow, Euler 250 steps (its baseline Tables 3, 4, 8, 10);
+#   "heun125": rectified flow, Heun 125 steps = NFE 250 (its SOTA comparison, Tables 2, 5);
+#   "ddpm": IDDPM, 250 DDPM steps.
+OBJECTIVES = {"flow": ("flow", "euler", 250), "euler250": ("flow", "euler", 250),
+              "heun125": ("flow", "heun", 125), "ddpm": ("gaussian", "ddpm", 250)}
+
+
 def use_flow_objective(c: ConfigDict, objective: str) -> ConfigDict:
-    """The DiffMoE paper's objectives: "flow" (rectified flow, Heun 125 steps = NFE 250) or
-    "ddpm" (the base config's IDDPM setup)."""
-    if objective not in ("flow", "ddpm"):
-        raise ValueError(f"unknown objective {objective!r}; use 'flow' or 'ddpm'.")
-    if objective == "flow":
-        c.diffusion.objective = "flow"
+    """One of OBJECTIVES: the objective, its sampler and its step count."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; use one of {list(OBJECTIVES)}.")
+    kind, sampler, steps = OBJECTIVES[objective]
+    c.diffusion.objective = kind
+    c.sample.sampler = sampler
+    c.sample.num_steps = steps
+    if kind == "flow":
         c.model.learn_sigma = False  # a velocity has no variance to learn
-        c.sample.sampler = "heun"
-        c.sample.num_steps = 125
+    return c
+
+
+def diffmoe_paper_protocol(c: ConfigDict, objective: str) -> ConfigDict:
+    """`use_flow_objective` and the paper's guidance: CFG 1.5; the DDPM models guide only the
+    first 3 latent channels (the official forward_with_cfg of Dense-DiT, TC-, EC-DiT and
+    DiffMoE), the flow sampler guides every channel."""
+    c = use_flow_objective(c, objective)
+    c.sample.cfg_scale = PAPER_CFG_SCALE
+    c.sample.cfg_channels = 3 if c.diffusion.objective == "gaussian" else 0
     return c
 
 
@@ -222,4 +272,22 @@ def mixture_config(model_name: str, kind: str, num_experts: int, objective: str)
     if kind == "token_choice":
         c.model.ffn.top_k = 1
         c.loss.load_balance_weight = 0.01
-    return use_flow_objective(c, objective)
+    return diffmoe_paper_protocol(c, objective)
+
+
+# Dense-DiT sizes of DiffMoE Table 5 beyond DiT-XL: (depth, width, heads). The paper gives only
+# the parameter counts (951M, 1353M); these shapes give 950.9M and 1352.6M (flow, no learned
+# sigma), the nearest with a width divisible by 16 heads.
+DENSE_SIZES = {"XXL": (32, 1280, 16), "XXXL": (36, 1440, 16)}
+
+
+def dense_config(size: str, objective: str) -> ConfigDict:
+    """Dense-DiT-{S,B,L,XL,XXL,XXXL} (dense MLPs) under the DiffMoE paper's recipe."""
+    c = get_base_config()
+    if size in DENSE_SIZES:
+        c.model.name = "custom"
+        c.model.depth, c.model.hidden_size, c.model.num_heads = DENSE_SIZES[size]
+        c.model.patch_size = 2
+    else:
+        c.model.name = f"DiT-{size}/2"
+    return diffmoe_paper_protocol(c, objective)

@@ -66,6 +66,9 @@ COUNT = integer(0)
 FRACTION = number(ge=0, le=1)
 MESH_SIZE: Rule = ("-1 (the devices left over) or an integer >= 1",
                    lambda v: _is_int(v) and (v == -1 or v >= 1))
+INTERVAL: Rule = ("a pair (lo, hi) of integers with 0 <= lo < hi, or (0, 0)",
+                  lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(_is_int(i) for i in v) and (tuple(v) == (0, 0) or 0 <= v[0] < v[1]))
 WIDTHS: Rule = ("a non-empty tuple of integers >= 1",
                 lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                 and all(_is_int(w) and w >= 1 for w in v))
@@ -79,6 +82,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.hidden_size": optional(POSITIVE),
     "model.num_heads": optional(POSITIVE),
     "model.patch_size": optional(POSITIVE),
+    "model.head_dim": optional(POSITIVE),
     "model.input_size": POSITIVE,
     "model.in_channels": POSITIVE,
     "model.num_classes": POSITIVE,
@@ -92,6 +96,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.routing.alpha": number(gt=0),
     "model.routing.beta": number(gt=0, le=1),
     "model.routing.seed": SEED,
+    "model.routing.clusters": POSITIVE,
     "model.routing.num_experts": POSITIVE,
     "model.routing.top_k": POSITIVE,
     "model.routing.integration": TEXT,
@@ -104,11 +109,15 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.capacity": number(gt=0),
     "model.ffn.top_k": POSITIVE,
     "model.ffn.threshold_decay": number(ge=0, lt=1),
-    "model.ffn.inference": choice("dynamic", "interval"),
+    "model.ffn.inference": choice("dynamic", "interval", "static"),
+    "model.ffn.static_capacity": number(gt=0),
+    "model.ffn.swiglu": BOOLEAN,
+    "model.ffn.shared_experts": COUNT,
     "model.ffn.interval_threshold": FRACTION,
     "diffusion.objective": choice("gaussian", "flow"),
     "diffusion.schedule": TEXT,
     "diffusion.num_timesteps": integer(2),
+    "diffusion.t_range": INTERVAL,
     "loss.weighting": TEXT,
     "loss.min_snr_gamma": number(gt=0),
     "loss.p2_gamma": number(ge=0),

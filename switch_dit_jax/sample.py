@@ -62,16 +62,21 @@ def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
     return apply_fn
 
 
-def make_sample_fn(model: nn.Module, config, on_capacity=None):
-    """(params, model_state, labels, key) -> samples [B, H, W, C] in model space."""
+def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=None):
+    """(params, model_state, labels, key) -> samples [B, H, W, C] in model space.
+
+    `apply_builder(params, model_state)` -> apply_fn(x, t, y) replaces the plain model call
+    (multi_expert.py: one of several models, chosen by t)."""
     s = config.sample
     guided = model.num_classes > 1 and s.cfg_scale != 1.0
+    if apply_builder is None:
+        apply_builder = functools.partial(model_apply_fn, model, on_capacity=on_capacity)
     if config.diffusion.objective == "flow":
-        return _flow_sample_fn(model, config, guided, on_capacity)
+        return _flow_sample_fn(model, config, guided, apply_builder)
     diffusion = sampling_diffusion(config)
 
     def sample(params, model_state, labels, key):
-        apply_fn = model_apply_fn(model, params, model_state, on_capacity)
+        apply_fn = apply_builder(params, model_state)
 
         if guided:
             model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
@@ -87,13 +92,13 @@ def make_sample_fn(model: nn.Module, config, on_capacity=None):
     return sample
 
 
-def _flow_sample_fn(model: nn.Module, config, guided: bool, on_capacity=None):
+def _flow_sample_fn(model: nn.Module, config, guided: bool, apply_builder):
     """Rectified flow: integrate the velocity from noise (t=0) to data (t=1)."""
     s = config.sample
     flow = RectifiedFlow()
 
     def sample(params, model_state, labels, key):
-        apply_fn = model_apply_fn(model, params, model_state, on_capacity)
+        apply_fn = apply_builder(params, model_state)
 
         if guided:
             model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
@@ -109,7 +114,8 @@ def _flow_sample_fn(model: nn.Module, config, guided: bool, on_capacity=None):
 
 
 def generate(model: nn.Module, config, params, model_state, mesh, param_shardings,
-             num_samples: int | None = None, seed: int | None = None, on_capacity=None):
+             num_samples: int | None = None, seed: int | None = None, on_capacity=None,
+             apply_builder=None):
     """Sample `num_samples` images in batches of config.sample.batch_size over all devices.
 
     Returns (samples float32 [N, H, W, C] on every host, labels int32 [N]).
@@ -121,7 +127,7 @@ def generate(model: nn.Module, config, params, model_state, mesh, param_sharding
     seed = config.sample.seed if seed is None else seed
     labels = class_labels(config, model.num_classes, math.ceil(n / batch) * batch)
     data = parallel.batch_sharding(mesh)
-    fn = jax.jit(make_sample_fn(model, config, on_capacity),
+    fn = jax.jit(make_sample_fn(model, config, on_capacity, apply_builder),
                  in_shardings=(param_shardings, parallel.replicated(mesh), data,
                                parallel.replicated(mesh)),
                  out_shardings=data)

@@ -55,6 +55,16 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(d.schedule in SCHEDULES,
            f"config.diffusion.schedule={d.schedule!r}; use one of {list(SCHEDULES)}.")
 
+    t_range = tuple(d.get("t_range", (0, 0)))
+    if t_range != (0, 0):
+        _check(d.objective == "gaussian" and config.loss.weighting != "ant_uw",
+               f"config.diffusion.t_range={t_range} restricts the discrete training timesteps; "
+               "it needs diffusion.objective='gaussian' and a loss.weighting other than "
+               "'ant_uw' (which draws from every cluster).")
+        _check(t_range[1] <= d.num_timesteps,
+               f"config.diffusion.t_range={t_range} ends past diffusion.num_timesteps="
+               f"{d.num_timesteps}; use an interval inside [0, {d.num_timesteps}).")
+
     routing = model["routing"]
     if routing["kind"] != "none":
         _check(d.objective == "gaussian",

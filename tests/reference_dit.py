@@ -94,7 +94,9 @@ def official_shapes(depth, hidden, in_ch, patch, num_classes, learn_sigma, input
         "x_embedder.proj.weight": (d, in_ch, patch, patch), "x_embedder.proj.bias": (d,),
         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
         "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
-        "y_embedder.embedding_table.weight": (num_classes + 1, d),
+        # LabelEmbedder(num_classes, d, dropout) has num_classes + (dropout > 0) rows, and the
+        # official models set dropout 0 when num_classes == 1 (unconditional).
+        "y_embedder.embedding_table.weight": (num_classes + (num_classes > 1), d),
         "final_layer.linear.weight": (patch * patch * out, d),
         "final_layer.linear.bias": (patch * patch * out,),
         "final_layer.adaLN_modulation.1.weight": (2 * d, d),

@@ -14,12 +14,14 @@ def config_specs():
     specs = []
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
         name = os.path.basename(path)
-        if name.startswith("switchdit_table"):
+        if name.startswith(("switchdit_table", "dtr_table")):
             module = {}
             exec(open(path).read(), module)  # noqa: S102 - the repository's own config file
             specs += [f"{path}:{row}" for row in module["ROWS"]]
+        elif name.startswith("multi_experts"):
+            specs += [f"{path}:{k}" for k in range(4)]
         elif name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
-            specs += [path, f"{path}:ddpm"]
+            specs += [path, f"{path}:ddpm", f"{path}:heun125"]
         else:
             specs.append(path)
     return specs
@@ -39,3 +41,40 @@ def test_every_table_row_differs():
     flat = {s: load_config(s).to_json() for s in rows}
     # gate_ldp, mask_skip_init and m3_k2 are the same (final) design, named in three sections.
     assert len(set(flat.values())) == 13
+
+
+def _paper_specs():
+    return [s for s in config_specs() if not os.path.basename(s).startswith("quickstart")]
+
+
+def test_paper_configs_sample_with_the_papers_protocols():
+    assert load_config(os.path.join(ROOT, "configs", "quickstart.py")).sample.cfg_scale == 2.0
+    from switch_dit_jax.config_base import get_base_config
+    assert get_base_config().sample.cfg_scale == 4.0
+    for spec in _paper_specs():
+        c, name = load_config(spec), os.path.basename(spec)
+        s = c.sample
+        # Guided rows of all three papers use 1.5; unconditional FFHQ rows have no guidance.
+        assert s.cfg_scale == (1.0 if c.model.num_classes == 1 else 1.5), spec
+        if name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
+            variant = spec.partition(":")[2] or "flow"
+            expected = {"flow": ("euler", 250, 0), "heun125": ("heun", 125, 0),
+                        "ddpm": ("ddpm", 250, 3)}[variant]
+            assert (s.sampler, s.num_steps, s.cfg_channels) == expected, spec
+        elif name.startswith("dit_"):
+            assert (s.sampler, s.num_steps, s.cfg_channels) == ("ddpm", 250, 3), spec
+        else:  # Switch-DiT and DTR code guide every channel
+            assert s.cfg_channels == 0, spec
+
+
+def test_dense_table5_sizes_have_the_papers_parameter_counts():
+    from switch_dit_jax.models import build_model
+    import jax
+    import jax.numpy as jnp
+    for size, paper in (("xl", 675e6), ("xxl", 951e6), ("xxxl", 1353e6)):
+        model = build_model(load_config(os.path.join(ROOT, "configs", f"dense_{size}.py")).model)
+        shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 4)),
+                                                     jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)),
+                                jax.random.PRNGKey(0))
+        count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+        assert abs(count - paper) / paper < 1e-3, (size, count)

@@ -126,8 +126,25 @@ def test_label_dropout_and_unconditional():
     np.testing.assert_allclose(dropped, null, rtol=1e-6)
     with pytest.raises(ValueError, match="rngs=\\{'dropout'"):
         model.apply({"params": params}, x, t, np.array([1, 2]), train=True)
-    uncond = build_model(dict(TINY, num_classes=1))
-    assert "y_embedder" not in init(uncond)["params"]
+
+
+def test_unconditional_model_has_the_official_one_row_label_table():
+    cfg = dict(TINY, num_classes=1)
+    shapes = reference_dit.official_shapes(2, 64, 3, 2, 1, True, 8)
+    assert shapes["y_embedder.embedding_table.weight"] == (1, 64)
+    sd = reference_dit.random_state_dict(shapes, seed=5, scale=0.2)
+    params = convert.from_torch_state_dict(sd, cfg)
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t, y = np.array([3, 700]), np.zeros(2, np.int64)
+    out = build_model(cfg).apply({"params": params}, x, t, y, train=True,
+                                 rngs={"dropout": jax.random.PRNGKey(0)})
+    ref = reference_dit.forward(sd, x.transpose(0, 3, 1, 2), t, y, 2, 4, 2, 6)
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, rtol=1e-3,
+                               atol=1e-4 * np.abs(ref).max())
+    # The row is really added: without it the output changes.
+    sd_zero = dict(sd, **{"y_embedder.embedding_table.weight": np.zeros((1, 64), np.float32)})
+    ref_zero = reference_dit.forward(sd_zero, x.transpose(0, 3, 1, 2), t, y, 2, 4, 2, 6)
+    assert np.abs(ref_zero - ref).max() > 1e-3 * np.abs(ref).max()
 
 
 def test_block_mask_integration():

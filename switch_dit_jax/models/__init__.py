@@ -13,14 +13,16 @@ from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-ROUTING_KINDS = ("none", "dtr", "random", "switch")
+# "cdtr" / "ercddt": DTR Table 8's clustered masking baselines (models/dtr.py).
+ROUTING_KINDS = ("none", "dtr", "random", "switch", "cdtr", "ercddt")
 # Fields of `config.model.routing` (task routing) and their defaults.
 ROUTING_DEFAULTS = dict(
     kind="none",                  # "none" | "dtr" (DTR) | "random" (R-TR) | "switch" (Switch-DiT)
     num_tasks=1000,               # T: one task per training timestep
     alpha=4.0,                    # DTR window shift exponent (also Switch-DiT's prior map)
     beta=0.8,                     # DTR / R-TR activated channel fraction
-    seed=0,                       # R-TR channels / random allocation
+    seed=0,                       # R-TR channels (one table per block) / random allocation
+    clusters=8,                   # CDTR / ERCDDT timestep clusters (DTR Table 8: 8)
     num_experts=3,                # Switch-DiT M
     top_k=2,                      # Switch-DiT k
     integration="mask_skip_init",  # "direct" | "mask" | "mask_skip" | "mask_skip_init"
@@ -38,7 +40,11 @@ FFN_DEFAULTS = dict(
     top_k=1,                  # TC-DiT experts per token
     threshold_decay=0.95,     # DiffMoE threshold EMA
     inference="dynamic",      # DiffMoE inference: "dynamic" (learned τ) | "interval" (constant γ)
+                              # | "static" (top int(C·pool/E) tokens per expert, no predictor)
     interval_threshold=0.5,   # γ of the interval search
+    static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
+    swiglu=False,             # SwiGLU experts and dense FFNs (official use_swiglu)
+    shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
 )
 
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
@@ -48,9 +54,10 @@ MODEL_DEFAULTS = dict(
     hidden_size=None,
     num_heads=None,
     patch_size=None,
+    head_dim=None,            # attention head width (DiffMoE's option); None = hidden / heads
     input_size=32,            # spatial size H = W of the model input (latent or pixel)
     in_channels=4,            # channels C of the model input
-    num_classes=1000,         # 1 = unconditional (no label embedding)
+    num_classes=1000,         # 1 = unconditional (one learned label row, as official)
     class_dropout_prob=0.1,   # label dropout for classifier-free guidance
     learn_sigma=True,         # 2C outputs: eps and the interpolation of the variance
     mlp_ratio=4.0,
@@ -77,6 +84,9 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = with_defaults(FFN_DEFAULTS, ffn, "model.ffn")
     if cfg["kind"] not in MOE_KINDS:
         raise ValueError(f"model.ffn.kind={cfg['kind']!r}; use one of {list(MOE_KINDS)}.")
+    if not isinstance(cfg["shared_experts"], int) or cfg["shared_experts"] < 0:
+        raise ValueError(f"model.ffn.shared_experts={cfg['shared_experts']!r} must be an "
+                         "integer >= 0.")
     for key in ("num_experts", "every", "top_k"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"model.ffn.{key}={cfg[key]!r} must be a positive integer.")
@@ -85,9 +95,13 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
                          f"{cfg['num_experts']}.")
     if not cfg["capacity"] > 0:
         raise ValueError(f"model.ffn.capacity={cfg['capacity']} must be > 0.")
-    if cfg["inference"] not in ("dynamic", "interval"):
-        raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic' or "
-                         "'interval'.")
+    if cfg["inference"] not in ("dynamic", "interval", "static"):
+        raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic', "
+                         "'interval' or 'static'.")
+    if not 0 < cfg["static_capacity"] <= cfg["num_experts"]:
+        raise ValueError(f"model.ffn.static_capacity={cfg['static_capacity']} must be in (0, "
+                         f"num_experts={cfg['num_experts']}] (E = every expert takes the whole "
+                         "pool).")
     return cfg
 
 
@@ -133,7 +147,11 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model.patch_size={cfg['patch_size']} does not divide "
                          f"model.input_size={cfg['input_size']}; choose a patch size that "
                          "divides the input size.")
-    if cfg["hidden_size"] % cfg["num_heads"]:
+    if cfg["head_dim"] is not None and not (isinstance(cfg["head_dim"], int)
+                                            and cfg["head_dim"] >= 1):
+        raise ValueError(f"model.head_dim={cfg['head_dim']!r} must be None or a positive "
+                         "integer.")
+    if cfg["head_dim"] is None and cfg["hidden_size"] % cfg["num_heads"]:
         raise ValueError(f"model.num_heads={cfg['num_heads']} does not divide "
                          f"model.hidden_size={cfg['hidden_size']}.")
     if cfg["hidden_size"] % 4:
@@ -167,8 +185,8 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
                          f"{list(REMAT_POLICIES)}.")
     cfg = resolve_model_config(model_config)
     dtype = COMPUTE_DTYPES[cfg["compute_dtype"]]
-    attention_impl = choose_implementation(cfg["attention_impl"], dtype,
-                                           cfg["hidden_size"] // cfg["num_heads"])
+    head_dim = cfg["head_dim"] or cfg["hidden_size"] // cfg["num_heads"]
+    attention_impl = choose_implementation(cfg["attention_impl"], dtype, head_dim)
     return DiT(
         input_size=cfg["input_size"], in_channels=cfg["in_channels"],
         patch_size=cfg["patch_size"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
@@ -176,7 +194,8 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
         num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
         learn_sigma=cfg["learn_sigma"], dtype=dtype,
         attention_impl=attention_impl, remat_policy=remat_policy,
-        routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]))
+        routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]),
+        head_dim=cfg["head_dim"])
 
 
 __all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS",

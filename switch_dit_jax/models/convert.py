@@ -39,9 +39,8 @@ def official_key_map(depth: int, num_classes: int) -> dict[str, tuple[tuple[str,
     }
     table.update(_linear("t_embedder.mlp.0", ("t_embedder", "mlp_0")))
     table.update(_linear("t_embedder.mlp.2", ("t_embedder", "mlp_2")))
-    if num_classes > 1:
-        table["y_embedder.embedding_table.weight"] = (("y_embedder", "embedding_table"),
-                                                      lambda w: w)
+    # Unconditional models (num_classes == 1) have the official one-row table too.
+    table["y_embedder.embedding_table.weight"] = (("y_embedder", "embedding_table"), lambda w: w)
     for i in range(depth):
         for torch_name, flax_path in (("attn.qkv", ("attn", "qkv")),
                                       ("attn.proj", ("attn", "proj")),

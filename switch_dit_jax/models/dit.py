@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import layers
+from switch_dit_jax.models import dtr, layers
 from switch_dit_jax.models import moe
-from switch_dit_jax.models.dtr import dtr_masks, random_masks
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
 # (depth, hidden_size, num_heads) of the official sizes.
@@ -60,6 +59,7 @@ class DiTBlock(nn.Module):
     # Builds the FFN: ffn_factory(hidden_features=..., dtype=..., name="mlp") -> module(x).
     ffn_factory: Callable[..., nn.Module] = layers.Mlp
     integration: str = "mask_skip"
+    head_dim: int | None = None  # attention head width (None = hidden_size / num_heads)
 
     @nn.compact
     def __call__(self, x, c, mask=None, train: bool = False):
@@ -72,7 +72,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layers.AdaLNModulation(
             6, self.dtype, name="adaLN_modulation")(c)
         h = layers.modulated_layer_norm(x, shift_msa, scale_msa)
-        h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+        h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, self.head_dim,
+                             name="attn")(h)
         x = x + gate_msa[:, None] * h.astype(jnp.float32)
         h = layers.modulated_layer_norm(x, shift_mlp, scale_mlp)
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
@@ -102,7 +103,8 @@ class DiT(nn.Module):
 
     `t` are timesteps (float; the Gaussian process passes integers 0..T-1, the flow objective
     passes t in [0, 1]); `y` are class labels in [0, num_classes], num_classes meaning "null".
-    With num_classes == 1 the model is unconditional and has no label embedding.
+    With num_classes == 1 the model is unconditional: its label table is one learned row that
+    every sample adds (the official layout, so official FFHQ checkpoints import).
     """
     input_size: int = 32
     in_channels: int = 4
@@ -123,21 +125,27 @@ class DiT(nn.Module):
     routing: Mapping[str, Any] | None = None
     # Feed-forward networks (dense MLP or a mixture): see models.FFN_DEFAULTS for the fields.
     ffn: Mapping[str, Any] | None = None
+    head_dim: int | None = None  # attention head width (DiffMoE's option; None = D / heads)
 
     def ffn_factory(self, block: int) -> Callable[..., nn.Module]:
         """The FFN of block `block`: a mixture in every `every`-th block from `first`."""
         f = self.ffn or {}
         kind = f.get("kind", "mlp")
         if kind == "mlp" or block < f["first"] or (block - f["first"]) % f["every"]:
-            return layers.Mlp
+            # DiffMoE's use_swiglu makes the dense FFNs SwiGLUs too.
+            return layers.SwiGLU if f.get("swiglu") else layers.Mlp
+        common = dict(swiglu=f["swiglu"], shared_experts=f["shared_experts"])
         if kind == "diffmoe":
             return functools.partial(moe.DiffMoE, f["num_experts"], capacity=f["capacity"],
                                      threshold_decay=f["threshold_decay"],
                                      inference=f["inference"],
-                                     interval_threshold=f["interval_threshold"])
+                                     interval_threshold=f["interval_threshold"],
+                                     static_capacity=f["static_capacity"], **common)
         if kind == "token_choice":
-            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"])
-        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"])
+            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
+                                     **common)
+        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
+                                 **common)
 
     @property
     def routing_kind(self) -> str:
@@ -152,12 +160,16 @@ class DiT(nn.Module):
         return self.input_size // self.patch_size
 
     def fixed_masks(self) -> np.ndarray | None:
-        """[T, D] routing masks of DTR / R-TR, indexed by the original timestep."""
+        """[T, D] routing masks that every block shares (DTR, CDTR, ERCDDT), indexed by the
+        original timestep; None for the other kinds (R-TR draws a table per block)."""
         r = self.routing or {}
         if self.routing_kind == "dtr":
-            return dtr_masks(r["num_tasks"], self.hidden_size, r["alpha"], r["beta"])
-        if self.routing_kind == "random":
-            return random_masks(r["num_tasks"], self.hidden_size, r["beta"], r["seed"])
+            return dtr.dtr_masks(r["num_tasks"], self.hidden_size, r["alpha"], r["beta"])
+        if self.routing_kind == "cdtr":
+            return dtr.cdtr_masks(r["num_tasks"], self.hidden_size, r["clusters"], r["alpha"],
+                                  r["beta"])
+        if self.routing_kind == "ercddt":
+            return dtr.ercddt_masks(r["num_tasks"], self.hidden_size, r["clusters"])
         return None
 
     @nn.compact
@@ -191,9 +203,8 @@ class DiT(nn.Module):
                 c = t_emb_all[t]
             else:
                 c = t_embedder(t)
-        if self.num_classes > 1:
-            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
-                                         self.class_dropout_prob, name="y_embedder")(y, train)
+        c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                     self.class_dropout_prob, name="y_embedder")(y, train)
         masks = self.fixed_masks()
         fixed_gates = None
         if self.routing_kind == "switch" and r["allocation"] == "random":
@@ -209,6 +220,9 @@ class DiT(nn.Module):
             mask = None
             if masks is not None:
                 mask = jnp.asarray(masks)[t][:, None, :]
+            elif self.routing_kind == "random":
+                mask = dtr.random_mask_rows(r["seed"], i, t, self.hidden_size,
+                                            r["beta"])[:, None, :]
             elif self.routing_kind == "switch":
                 mask = SwitchRouter(
                     r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],
@@ -218,7 +232,8 @@ class DiT(nn.Module):
                 else "mask_skip"
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
-                          integration=integration, name=f"blocks_{i}")(h, c, mask, train)
+                          integration=integration, head_dim=self.head_dim,
+                          name=f"blocks_{i}")(h, c, mask, train)
             h = layers.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)

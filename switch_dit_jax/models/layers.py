@@ -188,7 +188,9 @@ class LabelEmbedder(nn.Module):
     """Class labels -> vectors, with an extra "null" row used for classifier-free guidance.
 
     Labels equal to `num_classes` select the null row; in training each label is replaced by it
-    with probability `dropout_prob` (rng stream 'dropout').
+    with probability `dropout_prob` (rng stream 'dropout'). An unconditional model
+    (num_classes == 1) has the official one-row table and no null row: every sample adds the
+    same learned vector, as in the official Switch-DiT / DTR FFHQ models.
     """
     num_classes: int
     hidden_size: int
@@ -196,8 +198,11 @@ class LabelEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, labels, train: bool):
+        rows = 1 if self.num_classes == 1 else self.num_classes + 1
         table = self.param("embedding_table", logical(normal_002, ("vocab", "embed")),
-                           (self.num_classes + 1, self.hidden_size), jnp.float32)
+                           (rows, self.hidden_size), jnp.float32)
+        if rows == 1:
+            return jnp.broadcast_to(table[0], labels.shape + (self.hidden_size,))
         if train and self.dropout_prob > 0:
             if not self.has_rng("dropout"):
                 raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "
@@ -208,19 +213,26 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim])."""
+    """Multi-head self-attention with a fused qkv projection (timm layout: [3, heads, head_dim]).
+
+    `head_dim` (DiffMoE's option) decouples the head width from D: qkv maps D to
+    3·heads·head_dim and proj maps heads·head_dim back to D; None means D / heads.
+    """
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"  # "xla" | "cudnn": see models/attention.py
+    head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x):
         b, s, d = x.shape
-        qkv = dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
-        qkv = qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads)
+        head_dim = self.head_dim or d // self.num_heads
+        inner = self.num_heads * head_dim
+        qkv = dense(3 * inner, ("embed", "qkv"), self.dtype, name="qkv")(x.astype(self.dtype))
+        qkv = qkv.reshape(b, s, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = attention.multi_head_attention(q, k, v, self.implementation)
-        return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, d))
+        return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, inner))
 
 
 class Mlp(nn.Module):
@@ -236,6 +248,25 @@ class Mlp(nn.Module):
             x.astype(self.dtype))
         h = nn.gelu(h, approximate=True)
         return dense(d, ("mlp", "embed"), self.dtype, name="fc2")(h)
+
+
+class SwiGLU(nn.Module):
+    """DiffMoE's `use_swiglu` FFN (its MoeMLP): down(SiLU(gate(x)) · up(x)), bias-free Linears
+    D -> hidden, D -> hidden, hidden -> D (hidden = r·D, as its GELU MLP)."""
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        d, x = x.shape[-1], x.astype(self.dtype)
+
+        def linear(features, names, name):
+            return Dense(features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=logical(xavier_uniform, names), name=name)
+        h = nn.silu(linear(self.hidden_features, ("embed", "mlp"), "gate_proj")(x)) * linear(
+            self.hidden_features, ("embed", "mlp"), "up_proj")(x)
+        return linear(d, ("mlp", "embed"), "down_proj")(h)
 
 
 class AdaLNModulation(nn.Module):

@@ -11,10 +11,12 @@ Experts are DiT MLPs (D -> r·D -> D, GELU-tanh) stored stacked ([E, ...], logic
   sown `capacity_logits` and `dispatch`). Per-expert thresholds τ in the `moe_state`
   collection follow τ <- 0.95 τ + 0.05 q, q = the K-th largest sigmoid(prediction) in the pool.
   In inference, expert e processes the #(sigmoid(pred_e) > τ_e) tokens of highest gate score
-  (Algorithm 4; τ replaced by a constant γ for "interval search"), and the layer sows its
-  capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
+  (Algorithm 4; τ replaced by a constant γ for "interval search"; "static" ignores the
+  predictor and gives every expert its top int(C · pool / E) tokens, Table 4's "w/o"), and the
+  layer sows its capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
 * `TokenChoiceMoE` (TC-DiT): each token picks its top-k experts, gates unnormalised, sows the
-  load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py).
+  load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py); its router
+  starts as the official kaiming_uniform(a=√5), U(±1/√D).
 * `ExpertChoiceMoE` (EC-DiT): expert choice within each sample, K' = int(S / E · C).
 
 Each layer computes its routing per token and leaves the expert work to a local function run
@@ -41,10 +43,12 @@ MOE_KINDS = ("mlp", "diffmoe", "token_choice", "expert_choice")
 
 
 class StackedExperts(nn.Module):
-    """The weights of E DiT MLPs (D -> hidden -> D), stacked along a leading expert axis."""
+    """The weights of E DiT MLPs (D -> hidden -> D), stacked along a leading expert axis; with
+    `swiglu`, of E bias-free SwiGLU FFNs (DiffMoE's use_swiglu experts)."""
     num_experts: int
     features: int
     hidden_features: int
+    swiglu: bool = False
 
     @nn.compact
     def __call__(self) -> dict[str, jax.Array]:
@@ -52,6 +56,12 @@ class StackedExperts(nn.Module):
         # xavier per expert, as each expert is an nn.Linear pair in the official code.
         init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2,
                                                 out_axis=-1)
+        if self.swiglu:
+            names = {"gate_kernel": ("embed", "mlp"), "up_kernel": ("embed", "mlp"),
+                     "down_kernel": ("mlp", "embed")}
+            return {name: self.param(name, layers.logical(init, ("experts",) + axes),
+                                     (e, d, f) if axes[0] == "embed" else (e, f, d), jnp.float32)
+                    for name, axes in names.items()}
         return {
             "fc1_kernel": self.param("fc1_kernel", layers.logical(
                 init, ("experts", "embed", "mlp")), (e, d, f), jnp.float32),
@@ -67,15 +77,26 @@ class StackedExperts(nn.Module):
 def apply_experts(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     """Expert e of the stack `w` on its token group x[e]: [e, K, D] -> [e, K, D] (float32)."""
     dtype = x.dtype
+    if "gate_kernel" in w:  # SwiGLU experts
+        gate = jnp.einsum("ekd,edf->ekf", x, w["gate_kernel"].astype(dtype))
+        up = jnp.einsum("ekd,edf->ekf", x, w["up_kernel"].astype(dtype))
+        return jnp.einsum("ekf,efd->ekd", nn.silu(gate) * up,
+                          w["down_kernel"].astype(dtype)).astype(jnp.float32)
     h = jnp.einsum("ekd,edf->ekf", x, w["fc1_kernel"].astype(dtype))
     h = nn.gelu(h + w["fc1_bias"][:, None].astype(dtype), approximate=True)
     out = jnp.einsum("ekf,efd->ekd", h, w["fc2_kernel"].astype(dtype)) + w["fc2_bias"][:, None]
     return out.astype(jnp.float32)
 
 
-def _router_logits(module: nn.Module, x: jax.Array, num_experts: int) -> jax.Array:
-    w_r = module.param("router", layers.logical(nn.initializers.normal(0.006),
-                                                ("embed", "experts")),
+# DiffMoE and EC-DiT: W_r ~ N(0, 0.006). TC-DiT's official MoEGate keeps torch's
+# kaiming_uniform(a=√5) of its [E, D] weight: U(±1/√D), i.e. std 1/√(3D).
+ROUTER_NORMAL = nn.initializers.normal(0.006)
+ROUTER_KAIMING_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _router_logits(module: nn.Module, x: jax.Array, num_experts: int,
+                   init=ROUTER_NORMAL) -> jax.Array:
+    w_r = module.param("router", layers.logical(init, ("embed", "experts")),
                        (x.shape[-1], num_experts), jnp.float32)
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), w_r)
 
@@ -94,23 +115,49 @@ def _expert_choice(pool, scores, gate_weight, experts):
     return _scatter_add(pool.shape[0], index, out), index
 
 
+def shared_expert(kind: str, count: int, hidden_features: int, dtype) -> nn.Module | None:
+    """The always-on expert that official mixtures add to their output when
+    n_shared_experts > 0: DiffMoE's is one GELU MLP twice the expert width (whatever the
+    count); TC-DiT's and EC-DiT's a SwiGLU of width count·D."""
+    if count == 0:
+        return None
+    if kind == "diffmoe":
+        return layers.Mlp(2 * hidden_features, dtype, name="shared_experts")
+    return _SharedSwiGLU(count, dtype, name="shared_experts")
+
+
+class _SharedSwiGLU(nn.Module):
+    count: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return layers.SwiGLU(self.count * x.shape[-1], self.dtype, name="ffn")(x, train)
+
+
 class DiffMoE(nn.Module):
     """Batch-level global token pool with expert choice and a capacity predictor."""
     num_experts: int
     hidden_features: int
     capacity: float = 1.0                 # C_train
     threshold_decay: float = 0.95
-    inference: str = "dynamic"            # "dynamic" (learned τ) | "interval" (constant γ)
+    # "dynamic" (learned τ) | "interval" (constant γ) | "static" (no capacity predictor: every
+    # expert takes its top int(static_capacity · pool / E) tokens, DiffMoE Table 4 / Fig. 6)
+    inference: str = "dynamic"
     interval_threshold: float = 0.5       # γ of the interval search
+    static_capacity: float = 1.0          # C of the static top-K inference
     # Inference runs each expert on pool / 2^j tokens for the smallest j that fits (j < this
     # count): compute follows the predicted capacity instead of E x the pool. 1 = whole pool.
     inference_buckets: int = 6
+    swiglu: bool = False                  # SwiGLU experts (official use_swiglu)
+    shared_experts: int = 0               # official n_shared_experts (see shared_expert)
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b, s, d = x.shape
         e = self.num_experts
+        shared = shared_expert("diffmoe", self.shared_experts, self.hidden_features, self.dtype)
         pool = x.reshape(b * s, d)
         routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
         predictor = nn.Sequential([
@@ -119,7 +166,7 @@ class DiffMoE(nn.Module):
         pred_logits = predictor(jax.lax.stop_gradient(pool))  # [P, E]
         routing["predicted"] = jax.nn.sigmoid(pred_logits)
         threshold = self.variable("moe_state", "threshold", lambda: jnp.zeros((e,), jnp.float32))
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
         pool = pool.astype(self.dtype)
 
         if train:
@@ -130,27 +177,40 @@ class DiffMoE(nn.Module):
             if not self.is_initializing():
                 threshold.value = (self.threshold_decay * threshold.value
                                    + (1 - self.threshold_decay) * per_expert["kth"])
+        elif self.inference == "static":
+            y, _, per_expert = expert_parallel.run(self._static_local, pool, routing, experts)
         else:
             tau = threshold.value if self.inference == "dynamic" else jnp.full(
                 (e,), self.interval_threshold)
             y, _, per_expert = expert_parallel.run(self._inference_local, pool, routing,
                                                    {**experts, "threshold": tau})
         self.sow("aux", "capacity", per_expert["capacity"])  # C^E, Eq. 8
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)
 
     def _train_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
-        k = int(self.capacity * pool_size / self.num_experts)
-        if k < 1:
-            raise ValueError(f"DiffMoE capacity {self.capacity} x pool {pool_size} / "
-                             f"{self.num_experts} experts selects no token; use a larger batch "
-                             "or capacity.")
+        k = self._top_k(self.capacity, pool_size)
         y, index = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
         dispatch = jnp.zeros((e, pool_size), jnp.float32).at[
             jnp.arange(e)[:, None], index].set(1.0).T  # [P, e]
         kth = jax.lax.top_k(routing["predicted"].T, k)[0][:, -1]  # [e]
         capacity = jnp.full((e,), k * self.num_experts / pool_size)
         return y, {"dispatch": dispatch}, {"kth": kth, "capacity": capacity}
+
+    def _top_k(self, capacity: float, pool_size: int) -> int:
+        k = int(capacity * pool_size / self.num_experts)
+        if k < 1:
+            raise ValueError(f"DiffMoE capacity {capacity} x pool {pool_size} / "
+                             f"{self.num_experts} experts selects no token; use a larger batch "
+                             "or capacity.")
+        return min(k, pool_size)
+
+    def _static_local(self, pool, routing, experts):
+        pool_size, e = routing["scores"].shape
+        k = self._top_k(self.static_capacity, pool_size)
+        y, _ = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
+        return y, {}, {"capacity": jnp.full((e,), k * self.num_experts / pool_size)}
 
     def _inference_local(self, pool, routing, experts):
         pool_size = pool.shape[0]
@@ -182,25 +242,31 @@ class TokenChoiceMoE(nn.Module):
     num_experts: int
     hidden_features: int
     top_k: int = 1
+    swiglu: bool = False
+    shared_experts: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b, s, d = x.shape
         e, pool_size = self.num_experts, b * s
+        shared = shared_expert("token_choice", self.shared_experts, self.hidden_features,
+                               self.dtype)
         pool = x.reshape(pool_size, d)
-        probs = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
+        probs = jax.nn.softmax(_router_logits(self, pool, e, ROUTER_KAIMING_UNIFORM),
+                               axis=-1)  # [P, E]
         gates, choice = jax.lax.top_k(probs, self.top_k)  # [P, k]
         chosen = jax.nn.one_hot(choice, e)  # [P, k, E]
         routed = jnp.sum(chosen, axis=1)  # [P, E]
         weight = jnp.sum(chosen * gates[..., None], axis=1)
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
         y, _, _ = expert_parallel.run(_token_choice_local, pool.astype(self.dtype),
                                       {"weight": weight}, experts)
         self.sow("aux", "balance_probs", probs.mean(0))              # P_e
         self.sow("aux", "balance_fraction", routed.mean(0) / self.top_k)  # f_e
         self.sow("aux", "capacity", routed.sum(0) * e / (pool_size * self.top_k))
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)
 
 
 def _token_choice_local(pool, routing, experts):
@@ -215,6 +281,8 @@ class ExpertChoiceMoE(nn.Module):
     num_experts: int
     hidden_features: int
     capacity: float = 1.0
+    swiglu: bool = False
+    shared_experts: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -222,9 +290,11 @@ class ExpertChoiceMoE(nn.Module):
         b, s, d = x.shape
         e = self.num_experts
         k = max(int(s / e * self.capacity), 1)
+        shared = shared_expert("expert_choice", self.shared_experts, self.hidden_features,
+                               self.dtype)
         pool = x.reshape(b * s, d)
         scores = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
-        experts = StackedExperts(e, d, self.hidden_features, name="experts")()
+        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
 
         def local(pool, routing, experts):  # samples are whole within a pool
             def one_sample(tokens, sample_scores):
@@ -238,4 +308,5 @@ class ExpertChoiceMoE(nn.Module):
         y, _, _ = expert_parallel.run(local, pool.astype(self.dtype), {"scores": scores},
                                       experts)
         self.sow("aux", "capacity", jnp.full((e,), k * e / s))
-        return y.reshape(b, s, d)
+        y = y.reshape(b, s, d)
+        return y if shared is None else y + shared(x, train).astype(jnp.float32)

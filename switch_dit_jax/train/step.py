@@ -31,6 +31,12 @@ def make_diffusion(config, timestep_respacing: str = ""):
                              timestep_respacing=timestep_respacing)
 
 
+def timestep_range(diffusion_config) -> tuple[int, int]:
+    """[lo, hi) of the training timesteps: config.diffusion.t_range, (0, 0) meaning all T."""
+    lo, hi = tuple(diffusion_config.get("t_range", (0, 0)))
+    return (0, diffusion_config.num_timesteps) if (lo, hi) == (0, 0) else (lo, hi)
+
+
 def ema_update(ema, new, decay: float):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, new)
 
@@ -115,8 +121,8 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
         elif loss_cfg.weighting == "ant_uw":
             t = weighting.stratified_timesteps(k_t, x.shape[0], diffusion.num_timesteps,
                                                loss_cfg.uw_clusters)
-        else:
-            t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
+        else:  # diffusion.t_range: a multi-experts member sees only its own interval
+            t = jax.random.randint(k_t, (x.shape[0],), *timestep_range(config.diffusion))
         noise = jax.random.normal(k_noise, x.shape, x.dtype)
         w = 1.0 if is_flow else weighting.mse_weights(
             loss_cfg.weighting, diffusion.alphas_cumprod, t, min_snr_gamma=loss_cfg.min_snr_gamma,
