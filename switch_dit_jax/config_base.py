@@ -12,6 +12,7 @@ def get_base_config() -> ConfigDict:
     c.seed = 0  # base seed: parameter init and the per-step randomness fold_in(key, step)
 
     c.model = ConfigDict()
+    c.model.backbone = "dit"          # "dit" | "adm" (the ADM UNet: set model.name="ADM", model.unet)
     c.model.name = "DiT-XL/2"         # "DiT-{S,B,L,XL}/{2,4,8}" or "custom" (set the 4 below)
     c.model.depth = None              # overrides of the named size (None = from the name)
     c.model.hidden_size = None
@@ -46,6 +47,17 @@ def get_base_config() -> ConfigDict:
     c.model.ffn.threshold_decay = 0.95  # DiffMoE threshold EMA
     c.model.ffn.inference = "dynamic"  # DiffMoE: "dynamic" (learned thresholds) | "interval"
     c.model.ffn.interval_threshold = 0.5  # γ of the interval search
+    c.model.unet = ConfigDict()       # the ADM UNet (backbone="adm"): guided-diffusion's options
+    c.model.unet.model_channels = 128  # base width (guided-diffusion's num_channels)
+    c.model.unet.channel_mult = ()    # width multipliers per resolution; () = ADM's for input_size
+    c.model.unet.num_res_blocks = 2   # ResBlocks per resolution
+    c.model.unet.attention_resolutions = (16, 8)  # feature-map sizes (pixels) with attention
+    c.model.unet.num_heads = 4        # attention heads (when num_head_channels == -1)
+    c.model.unet.num_head_channels = -1  # channels per head (-1 = use num_heads)
+    c.model.unet.use_scale_shift_norm = True  # AdaGN (timestep embedding scales/shifts the norm)
+    c.model.unet.resblock_updown = False  # ResBlocks, not plain convs, down/upsample
+    c.model.unet.use_new_attention_order = False  # split q, k, v before the heads
+    c.model.unet.dropout = 0.0        # dropout inside every ResBlock
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)
