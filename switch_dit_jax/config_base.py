@@ -12,7 +12,7 @@ def get_base_config() -> ConfigDict:
     c.seed = 0  # base seed: parameter init and the per-step randomness fold_in(key, step)
 
     c.model = ConfigDict()
-    c.model.backbone = "dit"          # "dit" | "adm" (the ADM UNet: set model.name="ADM", model.unet)
+    c.model.backbone = "dit"          # "dit" | "adm" (ADM UNet: model.name="ADM", see model.unet)
     c.model.name = "DiT-XL/2"         # "DiT-{S,B,L,XL}/{2,4,8}" or "custom" (set the 4 below)
     c.model.depth = None              # overrides of the named size (None = from the name)
     c.model.hidden_size = None
@@ -76,8 +76,8 @@ def get_base_config() -> ConfigDict:
     c.loss.capacity_weight = 1.0      # λ_cp of the DiffMoE capacity-predictor BCE
 
     c.data = ConfigDict()
-    c.data.name = "latents"        # "digits" | "latents" (ArrayRecord) | "tfds"
-    c.data.dir = ""                # latents: shard directory; tfds: data_dir
+    c.data.name = "latents"        # "digits" | "latents" | "tfds" | "pixels" (uint8 ArrayRecord)
+    c.data.dir = ""                # latents, pixels: shard directory; tfds: data_dir
     c.data.tfds_name = "imagenet2012"  # tfds dataset name (data.name == "tfds")
     c.data.split = "train"         # tfds split
     c.data.image_size = 256        # tfds: ADM centre crop + resize to this size
@@ -235,3 +235,52 @@ def mixture_config(model_name: str, kind: str, num_experts: int, objective: str)
         c.model.ffn.top_k = 1
         c.loss.load_balance_weight = 0.01
     return use_flow_objective(c, objective)
+
+
+ADM_VARIANTS = {"": "none", "dtr": "dtr", "random": "random"}
+
+
+def adm_pixel_config(variant: str = "") -> ConfigDict:
+    """ADM on 64x64 pixels with DTR Appendix C's recipe: AdamW 1e-4 (no weight decay), batch
+    256, cosine schedule, T = 1000, EMA 0.9999, 250 respaced DDPM sampling steps, hflips.
+    `variant`: "" (ADM), "dtr" (DTR, α 4, β 0.8) or "random" (R-TR, β 0.8)."""
+    if variant not in ADM_VARIANTS:
+        raise ValueError(f"unknown ADM variant {variant!r}; use one of "
+                         f"{[v for v in ADM_VARIANTS if v]} (or none).")
+    c = get_base_config()
+    c.model.backbone = "adm"
+    c.model.name = "ADM"
+    c.model.input_size = 64
+    c.model.in_channels = 3
+    c.model.learn_sigma = True
+    c.model.routing.kind = ADM_VARIANTS[variant]
+    c.model.routing.alpha = 4.0
+    c.model.routing.beta = 0.8
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_timesteps = 1000
+    c.data.name = "pixels"        # uint8 records from `python -m switch_dit_jax.data.pixels`
+    c.data.image_size = 64
+    c.data.hflip = True           # records hold each image once; flip at random when read
+    c.train.global_batch_size = 256
+    c.train.learning_rate = 1e-4
+    c.train.weight_decay = 0.0
+    c.train.ema_decay = 0.9999
+    c.sample.sampler = "ddpm"
+    c.sample.num_steps = 250
+    c.sample.clip_denoised = True  # pixels live in [-1, 1] (ADM clips x0)
+    return c
+
+
+def adm_imagenet64_unet(c: ConfigDict) -> ConfigDict:
+    """ADM's published 64x64 ImageNet UNet (guided-diffusion README's 64x64 model flags)."""
+    u = c.model.unet
+    u.model_channels = 192
+    u.channel_mult = (1, 2, 3, 4)
+    u.num_res_blocks = 3
+    u.attention_resolutions = (32, 16, 8)
+    u.num_head_channels = 64
+    u.use_new_attention_order = True
+    u.use_scale_shift_norm = True
+    u.resblock_updown = True
+    u.dropout = 0.1
+    return c

@@ -135,7 +135,7 @@ FIELD_RULES: dict[str, Rule] = {
     "loss.prior_weight": number(ge=0),
     "loss.load_balance_weight": number(ge=0),
     "loss.capacity_weight": number(ge=0),
-    "data.name": choice("digits", "latents", "tfds"),
+    "data.name": choice("digits", "latents", "tfds", "pixels"),
     "data.dir": TEXT,
     "data.tfds_name": TEXT,
     "data.split": TEXT,

@@ -89,7 +89,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
                "same number of timesteps from every cluster).")
 
     data = config.data
-    if data.name in ("latents", "tfds"):
+    if data.name in ("latents", "tfds", "pixels"):
         _check(bool(data.dir), f"config.data.dir is empty but data.name={data.name!r} needs it; "
                                "pass --config.data.dir=/path/to/data.")
     if data.name == "digits":

@@ -58,7 +58,8 @@ def structure(o):
             inputs.append([(kind, f"input_blocks.{i}.0", ch, ch, None)])
             chans.append(ch)
             ds *= 2
-    middle = [("res", "middle_block.0", ch, ch, None), ("attn", "middle_block.1", ch, ch, heads(ch)),
+    middle = [("res", "middle_block.0", ch, ch, None),
+              ("attn", "middle_block.1", ch, ch, heads(ch)),
               ("res", "middle_block.2", ch, ch, None)]
     outputs = []
     for level, mult in list(enumerate(o["channel_mult"]))[::-1]:
@@ -95,7 +96,8 @@ def state_dict_shapes(o):
             shapes[name + ".weight"] = (cout, cin, 3, 3)
             shapes[name + ".bias"] = (cout,)
     shapes.update({"out.0.weight": (ch,), "out.0.bias": (ch,),
-                   "out.2.weight": (o["out_channels"], ch, 3, 3), "out.2.bias": (o["out_channels"],)})
+                   "out.2.weight": (o["out_channels"], ch, 3, 3),
+                   "out.2.bias": (o["out_channels"],)})
     return shapes
 
 
@@ -111,7 +113,8 @@ def _group_norm(sd, name, x, groups=32):
     g = x.reshape(b, groups, -1).astype(np.float64)
     g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
     shape = (1, c) + (1,) * (x.ndim - 2)
-    return g.reshape(x.shape) * sd[name + ".weight"].reshape(shape) + sd[name + ".bias"].reshape(shape)
+    return (g.reshape(x.shape) * sd[name + ".weight"].reshape(shape)
+            + sd[name + ".bias"].reshape(shape))
 
 
 def _conv2d(sd, name, x, stride=1):
@@ -156,8 +159,9 @@ def _resblock(sd, p, x, emb, o, updown, mask):
     else:
         h = _group_norm(sd, p + ".out_layers.0", h + e)
     h = _conv2d(sd, p + ".out_layers.3", _silu(h))
-    skip = x if (p + ".skip_connection.weight") not in sd else _conv2d(sd, p + ".skip_connection", x)
-    return skip + h
+    if p + ".skip_connection.weight" in sd:
+        x = _conv2d(sd, p + ".skip_connection", x)
+    return x + h
 
 
 def _softmax(x):
@@ -172,7 +176,8 @@ def _attention(sd, p, x, heads, new_order, mask):
     n = _group_norm(sd, p + ".norm", flat)
     if mask is not None:
         n = n * mask[:, :, None]
-    qkv = np.einsum("oc,bct->bot", sd[p + ".qkv.weight"][:, :, 0], n) + sd[p + ".qkv.bias"][None, :, None]
+    qkv = np.einsum("oc,bct->bot", sd[p + ".qkv.weight"][:, :, 0], n)
+    qkv = qkv + sd[p + ".qkv.bias"][None, :, None]
     length, ch = flat.shape[-1], c // heads
     if new_order:  # QKVAttention: chunk q, k, v, then split heads
         q, k, v = np.split(qkv, 3, axis=1)
@@ -210,8 +215,8 @@ def forward(sd, o, x, t, y=None, masks=None):
         mask = masks(cin) if masks is not None and kind in ("res", "resup", "resdown", "attn") \
             else None
         if kind in ("res", "resup", "resdown"):
-            return _resblock(sd, p, h, emb, o, {"res": "", "resup": "up", "resdown": "down"}[kind],
-                             mask)
+            updown = {"res": "", "resup": "up", "resdown": "down"}[kind]
+            return _resblock(sd, p, h, emb, o, updown, mask)
         if kind == "attn":
             return _attention(sd, p, h, heads, o["use_new_attention_order"], mask)
         if kind == "down":

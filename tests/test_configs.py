@@ -20,6 +20,12 @@ def config_specs():
             specs += [f"{path}:{row}" for row in module["ROWS"]]
         elif name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
             specs += [path, f"{path}:ddpm"]
+        elif name.startswith("adm_"):
+            specs += [path, f"{path}:dtr", f"{path}:random"]
+            if "imagenet" in name:
+                specs.append(f"{path}:openai")
+        elif name == "quickstart_adm.py":
+            specs += [path, f"{path}:dtr"]
         else:
             specs.append(path)
     return specs
