@@ -115,9 +115,10 @@ def test_sharded_adm_step_on_8_devices_matches_1_device(tmp_path):
                 state, metrics = fn(state, batch, jax.random.PRNGKey(1))
         results.append(jax.device_get((state.params, state.ema_params, metrics)))
     assert np.isfinite(results[0][2]["loss"])
-    # Same math, another reduction order: float32 round-off only.
+    # Same math, another reduction order: float32 round-off, which Adam's division by √v
+    # turns into up to ~1 % of one 1e-3 update where a gradient is near zero.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
 
 
 def restore_params(workdir, config):
