@@ -12,6 +12,7 @@ def get_base_config() -> ConfigDict:
     c.seed = 0  # base seed: parameter init and the per-step randomness fold_in(key, step)
 
     c.model = ConfigDict()
+    c.model.backbone = "dit"          # "dit" | "adm" (ADM UNet: model.name="ADM", see model.unet)
     c.model.name = "DiT-XL/2"         # "DiT-{S,B,L,XL}/{2,4,8}" or "custom" (set the 4 below)
     c.model.depth = None              # overrides of the named size (None = from the name)
     c.model.hidden_size = None
@@ -56,6 +57,17 @@ def get_base_config() -> ConfigDict:
     # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
     # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
     c.model.ffn.shared_experts = 0
+    c.model.unet = ConfigDict()       # the ADM UNet (backbone="adm"): guided-diffusion's options
+    c.model.unet.model_channels = 128  # base width (guided-diffusion's num_channels)
+    c.model.unet.channel_mult = ()    # width multipliers per resolution; () = ADM's for input_size
+    c.model.unet.num_res_blocks = 2   # ResBlocks per resolution
+    c.model.unet.attention_resolutions = (16, 8)  # feature-map sizes (pixels) with attention
+    c.model.unet.num_heads = 4        # attention heads (when num_head_channels == -1)
+    c.model.unet.num_head_channels = -1  # channels per head (-1 = use num_heads)
+    c.model.unet.use_scale_shift_norm = True  # AdaGN (timestep embedding scales/shifts the norm)
+    c.model.unet.resblock_updown = False  # ResBlocks, not plain convs, down/upsample
+    c.model.unet.use_new_attention_order = False  # split q, k, v before the heads
+    c.model.unet.dropout = 0.0        # dropout inside every ResBlock
 
     c.diffusion = ConfigDict()
     c.diffusion.objective = "gaussian"  # "gaussian" (DDPM/IDDPM) | "flow" (rectified flow)
@@ -77,8 +89,8 @@ def get_base_config() -> ConfigDict:
     c.loss.capacity_weight = 1.0      # λ_cp of the DiffMoE capacity-predictor BCE
 
     c.data = ConfigDict()
-    c.data.name = "latents"        # "digits" | "latents" (ArrayRecord) | "tfds"
-    c.data.dir = ""                # latents: shard directory; tfds: data_dir
+    c.data.name = "latents"        # "digits" | "latents" | "tfds" | "pixels" (uint8 ArrayRecord)
+    c.data.dir = ""                # latents, pixels: shard directory; tfds: data_dir
     c.data.tfds_name = "imagenet2012"  # tfds dataset name (data.name == "tfds")
     c.data.split = "train"         # tfds split
     c.data.image_size = 256        # tfds: ADM centre crop + resize to this size
@@ -291,3 +303,52 @@ def dense_config(size: str, objective: str) -> ConfigDict:
     else:
         c.model.name = f"DiT-{size}/2"
     return diffmoe_paper_protocol(c, objective)
+
+
+ADM_VARIANTS = {"": "none", "dtr": "dtr", "random": "random"}
+
+
+def adm_pixel_config(variant: str = "") -> ConfigDict:
+    """ADM on 64x64 pixels with DTR Appendix C's recipe: AdamW 1e-4 (no weight decay), batch
+    256, cosine schedule, T = 1000, EMA 0.9999, 250 respaced DDPM sampling steps, hflips.
+    `variant`: "" (ADM), "dtr" (DTR, α 4, β 0.8) or "random" (R-TR, β 0.8)."""
+    if variant not in ADM_VARIANTS:
+        raise ValueError(f"unknown ADM variant {variant!r}; use one of "
+                         f"{[v for v in ADM_VARIANTS if v]} (or none).")
+    c = get_base_config()
+    c.model.backbone = "adm"
+    c.model.name = "ADM"
+    c.model.input_size = 64
+    c.model.in_channels = 3
+    c.model.learn_sigma = True
+    c.model.routing.kind = ADM_VARIANTS[variant]
+    c.model.routing.alpha = 4.0
+    c.model.routing.beta = 0.8
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_timesteps = 1000
+    c.data.name = "pixels"        # uint8 records from `python -m switch_dit_jax.data.pixels`
+    c.data.image_size = 64
+    c.data.hflip = True           # records hold each image once; flip at random when read
+    c.train.global_batch_size = 256
+    c.train.learning_rate = 1e-4
+    c.train.weight_decay = 0.0
+    c.train.ema_decay = 0.9999
+    c.sample.sampler = "ddpm"
+    c.sample.num_steps = 250
+    c.sample.clip_denoised = True  # pixels live in [-1, 1] (ADM clips x0)
+    return c
+
+
+def adm_imagenet64_unet(c: ConfigDict) -> ConfigDict:
+    """ADM's published 64x64 ImageNet UNet (guided-diffusion README's 64x64 model flags)."""
+    u = c.model.unet
+    u.model_channels = 192
+    u.channel_mult = (1, 2, 3, 4)
+    u.num_res_blocks = 3
+    u.attention_resolutions = (32, 16, 8)
+    u.num_head_channels = 64
+    u.use_new_attention_order = True
+    u.use_scale_shift_norm = True
+    u.resblock_updown = True
+    u.dropout = 0.1
+    return c

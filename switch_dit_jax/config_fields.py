@@ -69,6 +69,11 @@ MESH_SIZE: Rule = ("-1 (the devices left over) or an integer >= 1",
 INTERVAL: Rule = ("a pair (lo, hi) of integers with 0 <= lo < hi, or (0, 0)",
                   lambda v: isinstance(v, (tuple, list)) and len(v) == 2
                   and all(_is_int(i) for i in v) and (tuple(v) == (0, 0) or 0 <= v[0] < v[1]))
+MULTIPLIERS: Rule = ("a tuple of positive numbers (empty = the default)",
+                    lambda v: isinstance(v, (tuple, list))
+                    and all(_is_number(m) and m > 0 for m in v))
+SIZES: Rule = ("a tuple of integers >= 1",
+               lambda v: isinstance(v, (tuple, list)) and all(_is_int(s) and s >= 1 for s in v))
 WIDTHS: Rule = ("a non-empty tuple of integers >= 1",
                 lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                 and all(_is_int(w) and w >= 1 for w in v))
@@ -77,6 +82,7 @@ WIDTHS: Rule = ("a non-empty tuple of integers >= 1",
 # weightings, mixture kinds, samplers) are checked by `validation.py` against that module.
 FIELD_RULES: dict[str, Rule] = {
     "seed": SEED,
+    "model.backbone": choice("dit", "adm"),
     "model.name": TEXT,
     "model.depth": optional(POSITIVE),
     "model.hidden_size": optional(POSITIVE),
@@ -114,6 +120,17 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.swiglu": BOOLEAN,
     "model.ffn.shared_experts": COUNT,
     "model.ffn.interval_threshold": FRACTION,
+    "model.unet.model_channels": POSITIVE,
+    "model.unet.channel_mult": MULTIPLIERS,
+    "model.unet.num_res_blocks": POSITIVE,
+    "model.unet.attention_resolutions": SIZES,
+    "model.unet.num_heads": POSITIVE,
+    "model.unet.num_head_channels": ("-1 (use num_heads) or an integer >= 1",
+                                     lambda v: _is_int(v) and (v == -1 or v >= 1)),
+    "model.unet.use_scale_shift_norm": BOOLEAN,
+    "model.unet.resblock_updown": BOOLEAN,
+    "model.unet.use_new_attention_order": BOOLEAN,
+    "model.unet.dropout": number(ge=0, lt=1),
     "diffusion.objective": choice("gaussian", "flow"),
     "diffusion.schedule": TEXT,
     "diffusion.num_timesteps": integer(2),
@@ -127,7 +144,7 @@ FIELD_RULES: dict[str, Rule] = {
     "loss.prior_weight": number(ge=0),
     "loss.load_balance_weight": number(ge=0),
     "loss.capacity_weight": number(ge=0),
-    "data.name": choice("digits", "latents", "tfds"),
+    "data.name": choice("digits", "latents", "tfds", "pixels"),
     "data.dir": TEXT,
     "data.tfds_name": TEXT,
     "data.split": TEXT,

@@ -46,10 +46,19 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
         model = resolve_model_config(config.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    width = int(model["hidden_size"] * model["mlp_ratio"])
-    _check(width >= 1, f"config.model.mlp_ratio={model['mlp_ratio']} gives an FFN width of "
-                       f"{width} for model.hidden_size={model['hidden_size']}; use a ratio "
-                       f"of at least {1 / model['hidden_size']:.3g} (DiT uses 4.0).")
+    is_dit = model["backbone"] == "dit"
+    if is_dit:
+        width = int(model["hidden_size"] * model["mlp_ratio"])
+        _check(width >= 1, f"config.model.mlp_ratio={model['mlp_ratio']} gives an FFN width of "
+                           f"{width} for model.hidden_size={model['hidden_size']}; use a ratio "
+                           f"of at least {1 / model['hidden_size']:.3g} (DiT uses 4.0).")
+    else:  # ADM's own label table has no null row unless label dropout trains one
+        _check(model["num_classes"] == 1 or model["class_dropout_prob"] > 0
+               or config.sample.cfg_scale == 1.0,
+               f"config.sample.cfg_scale={config.sample.cfg_scale} needs the null class of "
+               "classifier-free guidance, which the ADM UNet has only with "
+               "model.class_dropout_prob > 0; set sample.cfg_scale=1.0 (e.g. for an imported "
+               "OpenAI checkpoint) or train with label dropout.")
     ffn = model["ffn"]
     d = config.diffusion
     _check(d.schedule in SCHEDULES,
@@ -90,7 +99,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
                "same number of timesteps from every cluster).")
 
     data = config.data
-    if data.name in ("latents", "tfds"):
+    if data.name in ("latents", "tfds", "pixels"):
         _check(bool(data.dir), f"config.data.dir is empty but data.name={data.name!r} needs it; "
                                "pass --config.data.dir=/path/to/data.")
     if data.name == "digits":
@@ -161,7 +170,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(t.global_batch_size % process_count == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{process_count} processes; use a multiple of {process_count}.")
-    _check(ffn["kind"] == "mlp" or ffn["first"] < model["depth"],
+    _check(not is_dit or ffn["kind"] == "mlp" or ffn["first"] < model["depth"],
            f"config.model.ffn.first={ffn['first']} is not a block of the model.depth="
            f"{model['depth']} blocks, so no block would get a {ffn['kind']!r} mixture; use a "
            f"value in [0, {model['depth']}).")

@@ -22,6 +22,12 @@ def config_specs():
             specs += [f"{path}:{k}" for k in range(4)]
         elif name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
             specs += [path, f"{path}:ddpm", f"{path}:heun125"]
+        elif name.startswith("adm_"):
+            specs += [path, f"{path}:dtr", f"{path}:random"]
+            if "imagenet" in name:
+                specs.append(f"{path}:openai")
+        elif name == "quickstart_adm.py":
+            specs += [path, f"{path}:dtr"]
         else:
             specs.append(path)
     return specs

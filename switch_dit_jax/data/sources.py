@@ -32,7 +32,7 @@ from switch_dit_jax.errors import BadFileError
 
 LATENT_MAGIC = b"SDL1"
 _HEADER = struct.Struct("<4s5i")
-DATA_NAMES = ("digits", "latents", "tfds")
+DATA_NAMES = ("digits", "latents", "tfds", "pixels")
 
 
 def _field(cfg, name, default=None):
@@ -435,6 +435,9 @@ def make_source(data_config):
         return DigitsSource()  # always 8x8: data.image_size only drives the tfds centre crop
     if name == "latents":
         return LatentSource(_field(data_config, "dir"))
+    if name == "pixels":
+        from switch_dit_jax.data.pixels import PixelSource  # pixels.py imports this module
+        return PixelSource(_field(data_config, "dir"))
     if name == "tfds":
         tfds_name = _field(data_config, "tfds_name")
         if not tfds_name:

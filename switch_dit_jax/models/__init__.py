@@ -10,6 +10,7 @@ from switch_dit_jax.models.attention import ATTENTION_IMPLS, choose_implementati
 from switch_dit_jax.models.dit import DIT_MODELS, REMAT_POLICIES, DiT, parse_model_name
 from switch_dit_jax.models.moe import MOE_KINDS
 from switch_dit_jax.models.switch import ALLOCATIONS, INTEGRATIONS
+from switch_dit_jax.models.unet import DEFAULT_CHANNEL_MULT, NORM_GROUPS, UNet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,8 +48,26 @@ FFN_DEFAULTS = dict(
     shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
 )
 
+BACKBONES = ("dit", "adm")
+ADM_ROUTING_KINDS = ("none", "dtr", "random")
+# Fields of `config.model.unet` (the ADM UNet, model.backbone="adm") and their defaults:
+# guided-diffusion's `model_and_diffusion_defaults()`.
+UNET_DEFAULTS = dict(
+    model_channels=128,           # base width (guided-diffusion's num_channels)
+    channel_mult=(),              # width multipliers per resolution; () = ADM's by input size
+    num_res_blocks=2,             # ResBlocks per resolution
+    attention_resolutions=(16, 8),  # feature-map sizes (pixels) with attention after ResBlocks
+    num_heads=4,                  # heads per attention block (when num_head_channels == -1)
+    num_head_channels=-1,         # channels per head (-1 = use num_heads)
+    use_scale_shift_norm=True,    # AdaGN: the timestep embedding scales and shifts the norm
+    resblock_updown=False,        # ResBlocks (not plain convs) down- and upsample
+    use_new_attention_order=False,  # split q, k, v before heads (QKVAttention)
+    dropout=0.0,                  # dropout in every ResBlock
+)
+
 # Fields of `config.model` and their defaults (the DiT-XL/2 ImageNet-256 latent model).
 MODEL_DEFAULTS = dict(
+    backbone="dit",           # "dit" | "adm" (the ADM UNet of models/unet.py, see `unet`)
     name="DiT-XL/2",          # "DiT-{S,B,L,XL}/{2,4,8}", or "custom" with the four fields below
     depth=None,               # overrides the named size when set
     hidden_size=None,
@@ -65,6 +84,7 @@ MODEL_DEFAULTS = dict(
     attention_impl="auto",    # "auto" (cuDNN where it applies, else XLA) | "xla" | "cudnn"
     routing=ROUTING_DEFAULTS,  # task routing, see ROUTING_DEFAULTS
     ffn=FFN_DEFAULTS,         # feed-forward networks, see FFN_DEFAULTS
+    unet=UNET_DEFAULTS,       # the ADM UNet (backbone="adm"), see UNET_DEFAULTS
 )
 
 
@@ -130,11 +150,101 @@ def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def resolve_unet(cfg: dict[str, Any]) -> dict[str, Any]:
+    """model.unet with defaults, ADM's channel multipliers filled in, checked against the
+    input size (every width a multiple of the 32 GroupNorm groups, heads that divide)."""
+    unet = with_defaults(UNET_DEFAULTS, cfg["unet"], "model.unet")
+    size = cfg["input_size"]
+    mult = tuple(unet["channel_mult"] or ())
+    if not mult:
+        if size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(f"model.unet.channel_mult is empty and ADM has no default for "
+                             f"model.input_size={size} (it has {sorted(DEFAULT_CHANNEL_MULT)}); "
+                             "set model.unet.channel_mult, e.g. (1, 2).")
+        mult = DEFAULT_CHANNEL_MULT[size]
+    unet["channel_mult"] = mult
+    for key in ("model_channels", "num_res_blocks", "num_heads"):
+        if not _positive_int(unet[key]):
+            raise ValueError(f"model.unet.{key}={unet[key]!r} must be a positive integer.")
+    if not all(isinstance(m, (int, float)) and m > 0 for m in mult):
+        raise ValueError(f"model.unet.channel_mult={mult!r} must hold positive numbers.")
+    widths = [int(m * unet["model_channels"]) for m in mult]
+    bad = [w for w in widths if w <= 0 or w % NORM_GROUPS]
+    if bad:
+        raise ValueError(f"model.unet.channel_mult={mult} with model_channels="
+                         f"{unet['model_channels']} gives width {bad[0]}, not a multiple of "
+                         f"the {NORM_GROUPS} GroupNorm groups; choose widths divisible by "
+                         f"{NORM_GROUPS}.")
+    levels = len(mult)
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"model.input_size={size} cannot be halved {levels - 1} times "
+                         f"(model.unet.channel_mult has {levels} levels); use fewer levels "
+                         "or an input size divisible by "
+                         f"{2 ** (levels - 1)}.")
+    resolutions = [size // 2 ** level for level in range(levels)]
+    attn = tuple(unet["attention_resolutions"] or ())
+    unknown = [r for r in attn if r not in resolutions]
+    if unknown:
+        raise ValueError(f"model.unet.attention_resolutions has {unknown[0]!r}, which is not a "
+                         f"feature-map size of this UNet {resolutions}; pick from those.")
+    unet["attention_resolutions"] = attn
+    heads_ch = unet["num_head_channels"]
+    if heads_ch != -1 and not _positive_int(heads_ch):
+        raise ValueError(f"model.unet.num_head_channels={heads_ch!r} must be -1 (use "
+                         "num_heads) or a positive integer.")
+    attn_widths = [widths[resolutions.index(r)] for r in attn] + [widths[-1]]  # + middle
+    split = heads_ch if heads_ch != -1 else unet["num_heads"]
+    what = "num_head_channels" if heads_ch != -1 else "num_heads"
+    for w in attn_widths:
+        if w % split:
+            raise ValueError(f"model.unet.{what}={split} does not divide the attention width "
+                             f"{w}; choose a divisor of every attention width {attn_widths}.")
+    if not 0.0 <= unet["dropout"] < 1.0:
+        raise ValueError(f"model.unet.dropout={unet['dropout']} must be in [0, 1).")
+    return unet
+
+
+def _resolve_adm(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg["name"] != "ADM":
+        raise ValueError(f"model.name={cfg['name']!r} with model.backbone='adm'; set "
+                         "model.name='ADM' (the UNet's size comes from model.unet).")
+    if cfg["routing"]["kind"] not in ADM_ROUTING_KINDS:
+        raise ValueError(f"model.routing.kind={cfg['routing']['kind']!r} is not defined for the "
+                         f"ADM UNet; use one of {list(ADM_ROUTING_KINDS)}.")
+    if cfg["ffn"]["kind"] != "mlp":
+        raise ValueError(f"model.ffn.kind={cfg['ffn']['kind']!r} needs the DiT backbone; the "
+                         "ADM UNet has no FFN mixtures (use model.ffn.kind='mlp').")
+    cfg["unet"] = resolve_unet(cfg)
+    return cfg
+
+
 def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults + named size + explicit overrides, validated; errors name the field."""
     cfg = with_defaults(MODEL_DEFAULTS, model_config, "model config")
     cfg["routing"] = resolve_routing(cfg["routing"])
     cfg["ffn"] = resolve_ffn(cfg["ffn"])
+    if cfg["backbone"] not in BACKBONES:
+        raise ValueError(f"model.backbone={cfg['backbone']!r}; use one of {list(BACKBONES)}.")
+    if cfg["compute_dtype"] not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype={cfg['compute_dtype']!r}; use one of "
+                         f"{list(COMPUTE_DTYPES)}.")
+    if cfg["attention_impl"] is None:  # configs written before "auto" existed
+        cfg["attention_impl"] = "auto"
+    if cfg["attention_impl"] not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={cfg['attention_impl']!r}; use one of "
+                         f"{list(ATTENTION_IMPLS)}.")
+    if not isinstance(cfg["num_classes"], int) or cfg["num_classes"] < 1:
+        raise ValueError(f"model.num_classes={cfg['num_classes']!r} must be an integer >= 1 "
+                         "(1 = unconditional).")
+    if not 0.0 <= cfg["class_dropout_prob"] < 1.0:
+        raise ValueError(f"model.class_dropout_prob={cfg['class_dropout_prob']} must be in "
+                         "[0, 1).")
+    if cfg["backbone"] == "adm":
+        return _resolve_adm(cfg)
     sizes = {} if cfg["name"] == "custom" else parse_model_name(cfg["name"])
     for key in ("depth", "hidden_size", "num_heads", "patch_size"):
         if cfg[key] is None:
@@ -157,25 +267,12 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["hidden_size"] % 4:
         raise ValueError(f"model.hidden_size={cfg['hidden_size']} must be a multiple of 4 "
                          "(2-D sin-cos position embedding).")
-    if not isinstance(cfg["num_classes"], int) or cfg["num_classes"] < 1:
-        raise ValueError(f"model.num_classes={cfg['num_classes']!r} must be an integer >= 1 "
-                         "(1 = unconditional).")
-    if not 0.0 <= cfg["class_dropout_prob"] < 1.0:
-        raise ValueError(f"model.class_dropout_prob={cfg['class_dropout_prob']} must be in "
-                         "[0, 1).")
-    if cfg["compute_dtype"] not in COMPUTE_DTYPES:
-        raise ValueError(f"model.compute_dtype={cfg['compute_dtype']!r}; use one of "
-                         f"{list(COMPUTE_DTYPES)}.")
-    if cfg["attention_impl"] is None:  # configs written before "auto" existed
-        cfg["attention_impl"] = "auto"
-    if cfg["attention_impl"] not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention_impl={cfg['attention_impl']!r}; use one of "
-                         f"{list(ATTENTION_IMPLS)}.")
     return cfg
 
 
-def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> DiT:
-    """The DiT described by `model_config` (an ml_collections ConfigDict or a dict).
+def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> DiT | UNet:
+    """The DiT (model.backbone="dit") or ADM UNet ("adm") described by `model_config` (an
+    ml_collections ConfigDict or a dict).
 
     `remat_policy` (config.train.remat_policy) only changes how training executes the network:
     "none", "full" or "dots_saveable" (see models/dit.py).
@@ -185,6 +282,20 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
                          f"{list(REMAT_POLICIES)}.")
     cfg = resolve_model_config(model_config)
     dtype = COMPUTE_DTYPES[cfg["compute_dtype"]]
+    if cfg["backbone"] == "adm":
+        u = cfg["unet"]
+        return UNet(
+            input_size=cfg["input_size"], in_channels=cfg["in_channels"],
+            model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
+            num_res_blocks=u["num_res_blocks"],
+            attention_resolutions=tuple(u["attention_resolutions"]),
+            num_heads=u["num_heads"], num_head_channels=u["num_head_channels"],
+            use_scale_shift_norm=u["use_scale_shift_norm"],
+            resblock_updown=u["resblock_updown"],
+            use_new_attention_order=u["use_new_attention_order"], dropout=u["dropout"],
+            num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
+            learn_sigma=cfg["learn_sigma"], dtype=dtype, attention_impl=cfg["attention_impl"],
+            remat_policy=remat_policy, routing=FrozenDict(cfg["routing"]))
     head_dim = cfg["head_dim"] or cfg["hidden_size"] // cfg["num_heads"]
     attention_impl = choose_implementation(cfg["attention_impl"], dtype, head_dim)
     return DiT(
@@ -198,5 +309,5 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
         head_dim=cfg["head_dim"])
 
 
-__all__ = ["build_model", "resolve_model_config", "DiT", "DIT_MODELS", "MODEL_DEFAULTS",
-           "ROUTING_DEFAULTS", "FFN_DEFAULTS"]
+__all__ = ["build_model", "resolve_model_config", "DiT", "UNet", "DIT_MODELS", "MODEL_DEFAULTS",
+           "ROUTING_DEFAULTS", "FFN_DEFAULTS", "UNET_DEFAULTS"]
