@@ -25,7 +25,6 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from switch_dit_jax.models import attention, layers
 from switch_dit_jax.models.dtr import dtr_masks, random_mask_rows
