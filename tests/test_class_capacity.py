@@ -65,35 +65,35 @@ def test_recorder_averages_guided_passes_and_ranking_orders_classes():
         empty.per_image(2)
 
 
-def test_class_ranking_png_from_a_checkpoint(tmp_path):
-    """A tiny DiffMoE checkpoint whose thresholds are those of a trained model (a few real
-    train steps leave τ ≈ 0, where every token passes every expert and all classes tie)."""
+def test_class_ranking_png_from_an_imported_official_checkpoint(tmp_path):
+    """A tiny official DiffMoE checkpoint (test_convert_families' layout, thresholds in
+    (0.3, 0.7) as a trained model has them) imported as a run's checkpoint, then ranked."""
+    import test_convert_families
     import test_train
-    from switch_dit_jax import parallel
-    from switch_dit_jax.data import pipeline
-    from switch_dit_jax.models import build_model
-    from switch_dit_jax.train import loop
-    from switch_dit_jax.train.checkpoint import Checkpointer
-    from switch_dit_jax.train.state import create_train_state, make_optimizer
+    from switch_dit_jax.train import import_official, loop
 
     config = test_train.tiny_config(**{
         "model.depth": 2, "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 4,
         "sample.num_steps": 3, "sample.sampler": "ddim"})
-    model = build_model(config.model)
-    state = create_train_state(model, make_optimizer(config.train, config.loss),
-                               jax.random.PRNGKey(0), parallel.make_mesh(config.mesh),
-                               config.loss)
-    tau = {"moe_state": {"blocks_1": {"mlp": {"threshold": jnp.array([0.3, 0.45, 0.5, 0.6])}}}}
-    state = state.replace(step=jnp.asarray(7, state.step.dtype), model_state=tau,
-                          ema_model_state=tau)
+    sd = test_convert_families.official_state_dict("diffmoe", seed=4, scale=0.1, ch=1,
+                                                   patch=4)
+    # A predictor whose probabilities spread around the thresholds, as a trained one's do.
+    sd["blocks.1.mlp.capacity_predictor.2.weight"] *= 20
+    weights = str(tmp_path / "ema.npz")
+    np.savez(weights, **sd)
     workdir = str(tmp_path / "run")
-    loader = pipeline.make_train_loader(config.data, config.train.global_batch_size, 0, 1)
-    with Checkpointer(workdir, config, max_to_keep=1, async_save=False) as checkpointer:
-        assert checkpointer.save(7, state, iter(loader), force=True)
+    assert import_official.import_to_workdir(config, workdir, "diffmoe", weights, step=7) == 7
+    with pytest.raises(ValueError, match="already holds the checkpoint of step 7"):
+        import_official.import_to_workdir(config, workdir, "diffmoe", weights, step=8)
 
+    model, mesh, state, shardings = loop.restore_latest(config, workdir)
+    assert int(state.step) == 7
+    np.testing.assert_array_equal(state.ema_model_state["moe_state"]["blocks_1"]["mlp"][
+        "threshold"], sd["blocks.1.mlp.expert_threshold"])
+    np.testing.assert_array_equal(state.params["blocks_1"]["mlp"]["router"],
+                                  sd["blocks.1.mlp.gate_weight"].T)
     names = tmp_path / "names.txt"
     names.write_text("".join(f"digit {i}\n" for i in range(10)))
-    model, mesh, state, shardings = loop.restore_latest(config, workdir)
     ranking = class_capacity.report(model, config, state, mesh, shardings, str(tmp_path / "a"),
                                     str(names))
     assert sorted(r["class"] for r in ranking) == list(range(10))

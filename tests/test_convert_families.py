@@ -41,9 +41,11 @@ def official_dtr_table(tasks, units, alpha, beta):
     return table
 
 
-def official_state_dict(family, seed=0, scale=0.2, shared_experts_keys=False):
-    """Names, shapes and buffers of the official model of `family` for the tiny config."""
-    shapes = reference_dit.official_shapes(DEPTH, D, CH, PATCH, CLASSES, True, SIZE)
+def official_state_dict(family, seed=0, scale=0.2, shared_experts_keys=False, ch=CH,
+                        patch=PATCH, size=SIZE):
+    """Names, shapes and buffers of the official model of `family` for the tiny config (of
+    another input with `ch`, `patch`, `size`)."""
+    shapes = reference_dit.official_shapes(DEPTH, D, ch, patch, CLASSES, True, size)
     buffers = {}
     if family == "dtr":  # byeongjun-park/DTR: DiTBlock.routing = TaskRouter
         for i in range(DEPTH):

@@ -20,7 +20,8 @@ family does the same: `from_switchdit_state_dict`, `from_dtr_state_dict`,
 `from_densedit_state_dict`; `from_torch_state_dict` (facebookresearch/DiT) returns the params
 alone. Every official key is used exactly once; a missing, unexpected or mis-shaped key, or a
 stored table (position embedding, DTR masks, prior map) that differs from the config's, is
-refused in one sentence naming it.
+refused in one sentence naming it. `python -m switch_dit_jax.train.import_official` saves the
+result as a run's checkpoint, to sample, evaluate or continue training with `main`.
 """
 from __future__ import annotations
 

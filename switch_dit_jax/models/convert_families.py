@@ -16,7 +16,10 @@ Every family shares the DiT backbone keys (`x_embedder`, `t_embedder`, `y_embedd
 {attn, adaLN_modulation}`, `final_layer`, the frozen `pos_embed`); they differ in the FFN of the
 MoE blocks (`blocks.i.mlp.*`) and the routing keys. The MoE families put their mixture in the
 blocks the official `interleave` flag chose: the odd blocks (model.ffn.first=1, every=2) or,
-without interleave, every block (first=0, every=1).
+without interleave, every block (first=0, every=1). Settings that no tensor records come
+from the official run's config: TC-DiT's `MoE_config.capacity` is its experts per token
+(model.ffn.top_k), EC-DiT's and DiffMoE's is model.ffn.capacity; the tables the official
+models store (DTR masks, the prior map, DiffMoE's EMA decay) are checked against the config.
 """
 from __future__ import annotations
 
