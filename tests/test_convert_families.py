@@ -240,7 +240,8 @@ def test_tc_dit_empty_shared_experts_are_used_up():
 
 # A key of each family's own layout: renamed, it must be refused by name; mis-shaped too.
 OWN_KEY = {"dense_dit": "blocks.1.mlp.fc1.weight", "dtr": "blocks.1.routing._unit_mapping",
-           "switch_dit": "routers.1.experts.w", "diffmoe": "blocks.1.mlp.capacity_predictor.2.weight",
+           "switch_dit": "routers.1.experts.w",
+           "diffmoe": "blocks.1.mlp.capacity_predictor.2.weight",
            "tc_dit": "blocks.1.mlp.gate.weight", "ec_dit": "blocks.1.mlp.experts.3.fc2.bias"}
 
 

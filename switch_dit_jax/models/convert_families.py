@@ -2,15 +2,15 @@
 
 Key names and shapes are those of the official `models/*.py` (read there; no code shared):
 
-| family       | repository, file                                   | this package's config           |
-| ------------ | -------------------------------------------------- | ------------------------------- |
-| `dit`        | facebookresearch/DiT `models.py`                   | routing none, ffn mlp           |
-| `dense_dit`  | KwaiVGI/DiffMoE `models/models_DiT.py`             | routing none, ffn mlp           |
-| `dtr`        | byeongjun-park/DTR `models/DiT/models.py`          | routing dtr                     |
-| `switch_dit` | byeongjun-park/Switch-DiT `models/DiT/models.py`   | routing switch (DMoE) or dtr    |
-| `diffmoe`    | KwaiVGI/DiffMoE `models/models_DiffMoE.py`         | ffn diffmoe                     |
-| `tc_dit`     | KwaiVGI/DiffMoE `models/models_TCDiT.py`           | ffn token_choice                |
-| `ec_dit`     | KwaiVGI/DiffMoE `models/models_ECDiT.py`           | ffn expert_choice               |
+| family       | repository, file                                 | this package's config   |
+| ------------ | ------------------------------------------------ | ----------------------- |
+| `dit`        | facebookresearch/DiT `models.py`                 | routing none, ffn mlp   |
+| `dense_dit`  | KwaiVGI/DiffMoE `models/models_DiT.py`           | routing none, ffn mlp   |
+| `dtr`        | byeongjun-park/DTR `models/DiT/models.py`        | routing dtr             |
+| `switch_dit` | byeongjun-park/Switch-DiT `models/DiT/models.py` | routing switch or dtr   |
+| `diffmoe`    | KwaiVGI/DiffMoE `models/models_DiffMoE.py`       | ffn diffmoe             |
+| `tc_dit`     | KwaiVGI/DiffMoE `models/models_TCDiT.py`         | ffn token_choice        |
+| `ec_dit`     | KwaiVGI/DiffMoE `models/models_ECDiT.py`         | ffn expert_choice       |
 
 Every family shares the DiT backbone keys (`x_embedder`, `t_embedder`, `y_embedder`, `blocks.i.
 {attn, adaLN_modulation}`, `final_layer`, the frozen `pos_embed`); they differ in the FFN of the
