@@ -45,7 +45,8 @@ def class_labels(config, num_classes: int, n: int) -> np.ndarray:
 
 def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
     """apply_fn(x, t, y) of the sampler. With `on_capacity`, every model evaluation also sends
-    (t, capacities [L, E] of its mixture layers) to the host callback (DiffMoE reporting)."""
+    (t, capacities [L, E], per-sample capacities [L, B] of its mixture layers) to the host
+    callback (DiffMoE reporting)."""
     variables = {"params": model_params(params), **model_state}
     if on_capacity is None:
         return lambda x, t, y: model.apply(variables, x, t, y)
@@ -53,10 +54,12 @@ def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
     def apply_fn(x, t, y):
         out, aux = model.apply(variables, x, t, y, mutable=["aux"])
         blocks = aux.get("aux", {})
-        caps = [blocks[f"blocks_{i}"]["mlp"]["capacity"][0] for i in range(model.depth)
-                if "capacity" in blocks.get(f"blocks_{i}", {}).get("mlp", {})]
-        if caps:
-            jax.debug.callback(on_capacity, t[0], jnp.stack(caps))
+        mlps = [blocks.get(f"blocks_{i}", {}).get("mlp", {}) for i in range(model.depth)]
+        caps = [m["capacity"][0] for m in mlps if "capacity" in m]
+        if caps:  # per-sample shares: DiffMoE's dynamic layers only ([0, B] otherwise)
+            shares = [m["sample_capacity"][0] for m in mlps if "sample_capacity" in m]
+            shares = jnp.stack(shares) if shares else jnp.zeros((0, x.shape[0]))
+            jax.debug.callback(on_capacity, t[0], jnp.stack(caps), shares)
         return out
 
     return apply_fn

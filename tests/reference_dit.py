@@ -41,11 +41,24 @@ def pos_embed(embed_dim, grid_size):
     return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], 1)
 
 
-def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np):
+def timestep_embed(sd, t, xp=np):
+    """t_embedder: sinusoidal features [cos | sin] -> Linear -> SiLU -> Linear."""
+    half = 128
+    # float32 as in the official code: at t ~ 1000 the phase error is part of the model.
+    freqs = xp.exp(-np.float32(np.log(10000)) * xp.arange(half, dtype=np.float32) / half)
+    args = t[:, None].astype(np.float32) * freqs[None]
+    temb = xp.concatenate([xp.cos(args), xp.sin(args)], -1)
+    return _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", temb), xp))
+
+
+def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np, mask=None, ffn=None):
     """x: [N, C, H, W] -> [N, out_channels, H, W].
 
     `xp` is the array module: NumPy, or jax.numpy to differentiate this forward by plain
     autodiff (tests compare the package's hand-written backward passes against that).
+    `mask(i, tokens)` gives block i's routing mask m (DTR / Switch-DiT: the block computes
+    (1 - m)·z + Block(m·z)) or None; `ffn(i, h)` gives block i's FFN output, or None for the
+    dense `mlp.fc1` / `mlp.fc2` (the MoE families).
     """
     n, c_in, h, w = x.shape
     p, g = patch, h // patch
@@ -53,13 +66,7 @@ def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np):
     patches = x.reshape(n, c_in, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, -1)
     tok = patches @ weight.reshape(weight.shape[0], -1).T + bias + sd["pos_embed"][0]
 
-    half = 128
-    # float32 as in the official code: at t ~ 1000 the phase error is part of the model.
-    freqs = xp.exp(-np.float32(np.log(10000)) * xp.arange(half, dtype=np.float32) / half)
-    args = t[:, None].astype(np.float32) * freqs[None]
-    temb = xp.concatenate([xp.cos(args), xp.sin(args)], -1)
-    temb = _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", temb), xp))
-    c = temb
+    c = timestep_embed(sd, t, xp)
     if "y_embedder.embedding_table.weight" in sd:
         c = c + sd["y_embedder.embedding_table.weight"][y]
 
@@ -69,6 +76,9 @@ def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np):
         b = f"blocks.{i}."
         mods = xp.split(_linear(sd, b + "adaLN_modulation.1", _silu(c, xp)), 6, axis=1)
         sh1, sc1, g1, sh2, sc2, g2 = mods
+        m_i = None if mask is None else mask(i, tok)
+        if m_i is not None:
+            skip, tok = (1 - m_i) * tok, m_i * tok
         a = _modulate(_layer_norm(tok, xp), sh1, sc1)
         qkv = _linear(sd, b + "attn.qkv", a).reshape(n, -1, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
@@ -78,8 +88,12 @@ def forward(sd, x, t, y, depth, num_heads, patch, out_channels, xp=np):
         a = (att @ v).transpose(0, 2, 1, 3).reshape(n, -1, d)
         tok = tok + g1[:, None] * _linear(sd, b + "attn.proj", a)
         m = _modulate(_layer_norm(tok, xp), sh2, sc2)
-        m = _linear(sd, b + "mlp.fc2", _gelu_tanh(_linear(sd, b + "mlp.fc1", m), xp))
-        tok = tok + g2[:, None] * m
+        routed = None if ffn is None else ffn(i, m)
+        if routed is None:
+            routed = _linear(sd, b + "mlp.fc2", _gelu_tanh(_linear(sd, b + "mlp.fc1", m), xp))
+        tok = tok + g2[:, None] * routed
+        if m_i is not None:
+            tok = tok + skip
     shift, scale = xp.split(_linear(sd, "final_layer.adaLN_modulation.1", _silu(c, xp)), 2, axis=1)
     out = _linear(sd, "final_layer.linear", _modulate(_layer_norm(tok, xp), shift, scale))
     out = out.reshape(n, g, g, p, p, out_channels)

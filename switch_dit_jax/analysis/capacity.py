@@ -33,7 +33,8 @@ class CapacityRecorder:
     def __init__(self):
         self._by_t = defaultdict(list)
 
-    def __call__(self, t, capacities) -> None:
+    def __call__(self, t, capacities, sample_capacities=None) -> None:
+        del sample_capacities  # per-sample shares: analysis/class_capacity.py
         self._by_t[float(np.asarray(t))].append(np.asarray(capacities, np.float64))
 
     def per_step(self) -> tuple[np.ndarray, np.ndarray]:

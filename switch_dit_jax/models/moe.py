@@ -182,8 +182,12 @@ class DiffMoE(nn.Module):
         else:
             tau = threshold.value if self.inference == "dynamic" else jnp.full(
                 (e,), self.interval_threshold)
-            y, _, per_expert = expert_parallel.run(self._inference_local, pool, routing,
-                                                   {**experts, "threshold": tau})
+            y, per_token, per_expert = expert_parallel.run(self._inference_local, pool, routing,
+                                                           {**experts, "threshold": tau})
+            # Each sample's share, Σ_e (its tokens expert e processed) / S: the per-class
+            # compute of DiffMoE Figs. 13-14 (its mean over the samples is C_infer, Eq. 9).
+            self.sow("aux", "sample_capacity",
+                     per_token["processed"].sum(-1).reshape(b, s).mean(-1))
         self.sow("aux", "capacity", per_expert["capacity"])  # C^E, Eq. 8
         y = y.reshape(b, s, d)
         return y if shared is None else y + shared(x, train).astype(jnp.float32)
@@ -220,12 +224,16 @@ class DiffMoE(nn.Module):
         def process(size):  # every expert runs its `size` best tokens, those past k_pred masked
             def run():
                 keep = (jnp.arange(size)[None] < k_pred[:, None]).astype(jnp.float32)
-                return _expert_choice(pool, routing["scores"], keep, weights)[0]
+                y, index = _expert_choice(pool, routing["scores"], keep, weights)
+                processed = jnp.zeros((keep.shape[0], pool_size), jnp.float32).at[
+                    jnp.arange(keep.shape[0])[:, None], index].set(keep).T  # [P, e]
+                return y, processed
             return run
         sizes = capacity_buckets(pool_size, self.inference_buckets)
         smallest_fit = jnp.sum(jnp.asarray(sizes) >= jnp.max(k_pred)) - 1
-        y = jax.lax.switch(smallest_fit, [process(size) for size in sizes])
-        return y, {}, {"capacity": k_pred.astype(jnp.float32) * self.num_experts / pool_size}
+        y, processed = jax.lax.switch(smallest_fit, [process(size) for size in sizes])
+        return y, {"processed": processed}, {
+            "capacity": k_pred.astype(jnp.float32) * self.num_experts / pool_size}
 
 
 def capacity_buckets(pool_size: int, count: int) -> list[int]:
