@@ -73,7 +73,8 @@ def test_imagenet64_has_guided_diffusions_keys_shapes_and_parameter_count():
     table = convert.adm_key_map(model)
     assert set(table) == set(shapes)
     expected = abstract_params(model)
-    for key, (path, transform) in table.items():
+    for key, rule in table.items():
+        path, transform = rule.path, rule.transform
         view = np.broadcast_to(np.float32(0), shapes[key])  # shapes only, no memory
         want = expected
         for part in path:
