@@ -14,7 +14,8 @@ from clu import parameter_overview
 
 from switch_dit_jax import parallel, sample
 from switch_dit_jax.data import pipeline
-from switch_dit_jax.models import build_model
+from switch_dit_jax.models import build_model, flops
+from switch_dit_jax.models.dit import DiT
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
@@ -120,6 +121,16 @@ def train_and_evaluate(config, workdir: str) -> None:
             raise
 
 
+def _train_flops_and_peak(model, config) -> tuple[float | None, float | None]:
+    """(analytic FLOPs of one train step, peak FLOP/s of all devices) for the MFU of the
+    progress line; (None, None) off the devices of flops.PEAK_FLOPS (e.g. on a CPU)."""
+    peak = flops.peak_flops(jax.devices()[0].device_kind, config.model.compute_dtype)
+    if peak is None or not isinstance(model, DiT):
+        return None, None
+    return (flops.train_flops_per_step(model, config.train.global_batch_size),
+            peak * jax.device_count())
+
+
 def _latest_text(checkpointer) -> str | None:
     """The newest checkpoint as "N in DIR" (None: none yet), once pending saves are done."""
     try:
@@ -198,7 +209,9 @@ def _train(config, workdir: str, guard, lock) -> None:
         if jax.process_index() == 0:  # the steps after `first` are written again below
             metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), first)
         writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
-        progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every)
+        progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every,
+                                                t.global_batch_size,
+                                                *_train_flops_and_peak(model, config))
         nonfinite = guard_lib.NonFiniteGuard(t.get("nonfinite", "stop"),
                                              lambda: _latest_text(checkpointer))
         if first >= t.num_steps:
@@ -222,12 +235,10 @@ def _train(config, workdir: str, guard, lock) -> None:
                                                        or step == t.num_steps)
                 eval_due = bool(config.eval.eval_every) and step % config.eval.eval_every == 0
                 if log_due:
-                    means = jax.tree.map(lambda *m: float(np.mean(m)),
-                                         *jax.device_get(history))
-                    means.pop(guard_lib.FINITE, None)
+                    means = metrics_lib.window_means(jax.device_get(history))
                     writer.write_scalars(step, means)
                     history = []
-                    progress(step)
+                    progress(step, means.get("loss"))
                 if log_due or save_due or sample_due or eval_due:
                     nonfinite.check()  # train.nonfinite="stop" raises here, before any save
                 saved = (_save(checkpointer, lock, nonfinite, step, state, data_iter, stopping)

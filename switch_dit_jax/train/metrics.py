@@ -20,6 +20,11 @@ import numpy as np
 log = logging.getLogger("switch_dit_jax")
 
 
+# Per-timestep-bucket sums and counts of the per-sample loss: [K] arrays among a step's
+# metrics (train/step.py), turned into `loss/t_bucket_{k}` over a log window by window_means.
+BUCKET_SUMS, BUCKET_COUNTS = "t_buckets/loss_sum", "t_buckets/count"
+
+
 def tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
@@ -125,32 +130,53 @@ def make_writer(workdir: str, is_chief: bool):
     return MultiWriter(writers)
 
 
-class ProgressReporter:
-    """steps/s and ETA every `every_steps` (clu `ReportProgress` when TensorFlow is present)."""
+def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """The per-step metrics of one log window -> the values written for it: each metric's mean
+    over the steps, and `loss/t_bucket_{k}` = the mean per-sample loss of all the window's
+    samples whose t fell in bucket k (a bucket without samples is left out of the row)."""
+    from switch_dit_jax.train.guard import FINITE
+    rows = [dict(m) for m in history]
+    sums = [r.pop(BUCKET_SUMS, None) for r in rows]
+    counts = [r.pop(BUCKET_COUNTS, None) for r in rows]
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != FINITE}
+    if sums[0] is not None:
+        total, count = np.sum(sums, axis=0), np.sum(counts, axis=0)
+        means.update({f"loss/t_bucket_{k}": float(total[k] / count[k])
+                      for k in range(len(total)) if count[k] > 0})
+    return means
 
-    def __init__(self, num_train_steps: int, writer, every_steps: int):
-        self._clu = None
-        if tensorflow_available():
-            from clu import periodic_actions
-            self._clu = periodic_actions.ReportProgress(num_train_steps=num_train_steps,
-                                                        writer=writer, every_steps=every_steps)
+
+class ProgressReporter:
+    """The progress line every `every_steps`: steps/s, images/s, MFU (on a device of
+    flops.PEAK_FLOPS: `flops_per_step` / time over `peak_flops`, the peak of all devices), the
+    last loss and the ETA; steps/s, images/s and MFU also go to the writer."""
+
+    def __init__(self, num_train_steps: int, writer, every_steps: int, batch_size: int,
+                 flops_per_step: float | None = None, peak_flops: float | None = None):
         self._total, self._every, self._writer = num_train_steps, every_steps, writer
+        self._batch = batch_size
+        self._flops = flops_per_step if peak_flops else None
+        self._peak = peak_flops
         self._last_step, self._last_time = None, None
 
-    def __call__(self, step: int) -> None:
-        if self._clu is not None:
-            self._clu(step)
-            return
+    def __call__(self, step: int, loss: float | None = None) -> None:
         now = time.monotonic()
-        if self._last_step is None:
+        if self._last_step is None:  # the first call only starts the clock (after compiling)
             self._last_step, self._last_time = step, now
             return
         if step - self._last_step < self._every:
             return
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         eta = (self._total - step) / max(rate, 1e-9)
-        self._writer.write_scalars(step, {"steps_per_sec": rate})
-        log.info("step %d/%d: %.2f steps/s, ETA %s", step, self._total, rate,
+        scalars = {"steps_per_sec": rate, "images_per_sec": rate * self._batch}
+        parts = [f"{rate:.2f} steps/s", f"{rate * self._batch:.1f} images/s"]
+        if self._flops is not None:
+            scalars["mfu"] = rate * self._flops / self._peak
+            parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        self._writer.write_scalars(step, scalars)
+        log.info("step %d/%d: %s, ETA %s", step, self._total, ", ".join(parts),
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400
                  else f"{eta / 86400:.1f} days")
         self._last_step, self._last_time = step, now
