@@ -19,7 +19,7 @@ from switch_dit_jax.models.dit import DiT
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
-from switch_dit_jax.train import peers, runtime, workdir_lock
+from switch_dit_jax.train import peers, pictures, runtime, workdir_lock
 from switch_dit_jax.train.preemption import PreemptionGuard, StartupStop
 from switch_dit_jax.train.state import (count_params, create_train_state, make_optimizer,
                                         state_shardings)
@@ -71,10 +71,15 @@ def evaluate_in_training(model, config, state, mesh, shardings, workdir: str, wr
 
 
 def write_samples(model, config, state, mesh, shardings, workdir: str, writer=None):
-    """EMA samples -> samples/samples_<step>.png (grid) and .npz (ADM format, with labels)."""
+    """EMA samples -> samples/samples_<step>.png (grid) and .npz (ADM format, with labels);
+    with a writer, the grid and the routing / capacity pictures (train/pictures.py) go to it."""
     step = int(state.step)
+    recorder = pictures.capacity_recorder(model) if writer is not None else None
     images, labels = sample.generate(model, config, state.ema_params, state.ema_model_state,
-                                     mesh, shardings.ema_params)
+                                     mesh, shardings.ema_params, on_capacity=recorder)
+    if writer is not None:  # routing / capacity pictures of the models that have them
+        writer.write_images(step, pictures.training_pictures(model, config, state.ema_params,
+                                                             workdir, recorder))
     if config.data.name == "latents":
         latents, images = images, sample.decode_latents(config, images, mesh)
         if images is None:  # no VAE configured: keep the latents, there is no image to show
@@ -208,7 +213,7 @@ def _train(config, workdir: str, guard, lock) -> None:
         first = int(state.step)
         if jax.process_index() == 0:  # the steps after `first` are written again below
             metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), first)
-        writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
+        writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, first, config)
         progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every,
                                                 t.global_batch_size,
                                                 *_train_flops_and_peak(model, config))

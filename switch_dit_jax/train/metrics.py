@@ -1,14 +1,12 @@
-"""Metric writers and progress reports that work with or without TensorFlow.
+"""Metric writers and the progress line, all without TensorFlow.
 
-clu's `metric_writers` and `periodic_actions` import TensorFlow at module load, and this
-package must train without it. So: when TensorFlow is importable, clu's writers (TensorBoard
-summaries + logging) and `ReportProgress` are used; otherwise the same interface is served by
-logging plus a JSONL file (`<workdir>/metrics.jsonl`), and a small progress reporter.
-PNG images are always written to `<workdir>/samples/` by the caller.
+Every chief process writes `<workdir>/metrics.jsonl` (one JSON row per log step) and the log,
+TensorBoard event files in `<workdir>/tensorboard` (tensorboardX: no TensorFlow needed; view
+with `tensorboard --logdir <workdir>`), and, with train.wandb_project set, a Weights & Biases
+run (train/wandb_writer.py). PNG images are also written to `<workdir>/samples/` by the caller.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,10 +21,6 @@ log = logging.getLogger("switch_dit_jax")
 # Per-timestep-bucket sums and counts of the per-sample loss: [K] arrays among a step's
 # metrics (train/step.py), turned into `loss/t_bucket_{k}` over a log window by window_means.
 BUCKET_SUMS, BUCKET_COUNTS = "t_buckets/loss_sum", "t_buckets/count"
-
-
-def tensorflow_available() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
 
 
 class JsonlWriter:
@@ -119,14 +113,48 @@ def truncate_jsonl(path: str, last_step: int) -> int:
     return dropped
 
 
-def make_writer(workdir: str, is_chief: bool):
-    """Only the chief process writes; the JSONL file is written with or without TensorFlow."""
+class TensorBoardWriter:
+    """Scalars and images as TensorBoard event files (tensorboardX).
+
+    A run that starts at step `first` (0, or the restored checkpoint's step) opens a new events
+    file whose first event is a session start at `first + 1`: TensorBoard's reader then drops
+    every older event at steps > `first` (tensorboardX's purge_step), so a resumed run shows
+    each step once, with the value this run wrote, as metrics.jsonl does.
+    """
+
+    def __init__(self, logdir: str, first: int):
+        from tensorboardX import SummaryWriter
+        # The suffix keeps two runs started within the same second in separate files, in order.
+        self._writer = SummaryWriter(logdir, purge_step=first + 1, flush_secs=30,
+                                     filename_suffix=f".from_step_{first:09d}")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), int(step))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Each value: [N, H, W, C] uint8 (C = 1, 3 or 4), shown as one grid."""
+        for name, value in images.items():
+            self._writer.add_images(name, np.asarray(value), int(step), dataformats="NHWC")
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def make_writer(workdir: str, is_chief: bool, first: int = 0, config=None):
+    """Only the chief process writes: JSONL + TensorBoard from step `first` on, and W&B when
+    `config.train.wandb_project` is set (and wandb_mode is not "disabled")."""
     if not is_chief:
         return NullWriter()
-    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
-    if tensorflow_available():
-        from clu import metric_writers
-        writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+               TensorBoardWriter(os.path.join(workdir, "tensorboard"), first)]
+    t = config.train if config is not None else {}
+    if t.get("wandb_project") and t.get("wandb_mode", "online") != "disabled":
+        from switch_dit_jax.train.wandb_writer import WandbWriter
+        writers.append(WandbWriter(workdir, config))
     return MultiWriter(writers)
 
 
