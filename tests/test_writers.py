@@ -10,7 +10,11 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import test_train
+import test_warm_start
+from switch_dit_jax import parallel
+from switch_dit_jax.models import build_model
 from switch_dit_jax.train import loop
+from switch_dit_jax.train.state import make_optimizer, state_shardings
 from switch_dit_jax.train import metrics as metrics_lib
 from wandb_records import records
 
@@ -87,16 +91,25 @@ def wandb_runs(workdir):
 
 def test_a_switch_run_logs_to_tensorboard_and_wandb_offline_and_resumes_both(tmp_path,
                                                                              caplog):
-    workdir = str(tmp_path / "run")
+    workdir, weights = str(tmp_path / "run"), str(tmp_path / "dit.npz")
     overrides = {"model.routing.kind": "switch", "train.sample_every": 3,
                  "train.grad_accum_steps": 2, "train.wandb_project": "workbench-test",
-                 "train.wandb_mode": "offline", "train.loss_buckets": 4}
+                 "train.wandb_mode": "offline", "train.loss_buckets": 4,
+                 "train.init_from": weights}  # official DiT weights into Switch-DiT
+    config = test_train.tiny_config(**overrides)
+    model = build_model(config.model)
+    abstract, _ = state_shardings(model, make_optimizer(config.train), parallel.make_mesh(
+        config.mesh))
+    np.savez(weights, **test_warm_start.official_state_dict(abstract.params))
     os.environ["WANDB_SILENT"] = "true"
     with caplog.at_level(logging.INFO, logger="switch_dit_jax"):
         loop.train_and_evaluate(test_train.tiny_config(**overrides, **{"train.num_steps": 3}),
                                 workdir)
         loop.train_and_evaluate(test_train.tiny_config(**overrides), workdir)  # resumes at 3
-    assert any("images/s" in r.getMessage() for r in caplog.records)
+    log = [r.getMessage() for r in caplog.records]
+    assert any("images/s" in line for line in log)
+    assert sum(f"warm start from the official weights {weights}" in line for line in log) == 1
+    assert any("applies to new runs only" in line for line in log)  # the resumed second run
 
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -19,7 +19,7 @@ from switch_dit_jax.models.dit import DiT
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
-from switch_dit_jax.train import peers, pictures, runtime, workdir_lock
+from switch_dit_jax.train import peers, pictures, runtime, warm_start, workdir_lock
 from switch_dit_jax.train.preemption import PreemptionGuard, StartupStop
 from switch_dit_jax.train.state import (count_params, create_train_state, make_optimizer,
                                         state_shardings)
@@ -197,9 +197,13 @@ def _train(config, workdir: str, guard, lock) -> None:
         init_key, step_key = _keys(config.seed)
         if resume_step is not None:
             checkpointer.restore_data(resume_step, data_iter)
-            log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
+            log.info("resumed from the checkpoint of step %d in %s%s", int(state.step), workdir,
+                     f" (train.init_from={config.train.init_from!r} applies to new runs only)"
+                     if config.train.get("init_from") else "")
         else:
             state = create_train_state(model, tx, init_key, mesh, config.loss)
+            if config.train.get("init_from"):
+                state = warm_start.warm_start(state, config, shardings)
         if jax.process_index() == 0:
             log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
             log.info("trainable parameters: %s", f"{count_params(state.params):,}")
