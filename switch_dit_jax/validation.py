@@ -118,6 +118,16 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None  # runtime names it train.profile_steps
 
+    init_from = t.get("init_from", "")
+    _check(not init_from or os.path.exists(os.path.expanduser(init_from)),
+           f"config.train.init_from={init_from!r} does not exist; pass a workdir or checkpoint "
+           "step directory of this project, or an official .npz / .safetensors file.")
+    if t.get("wandb_project") and t.get("wandb_mode") != "disabled":
+        import importlib.util
+        _check(importlib.util.find_spec("wandb") is not None,
+               f"config.train.wandb_project={t.wandb_project!r} needs the wandb package, which "
+               "is not installed; pip install wandb, or set train.wandb_project=''.")
+
     s = config.sample
     samplers = SAMPLERS[d.objective]
     _check(s.sampler in samplers, f"config.sample.sampler={s.sampler!r} does not fit "
@@ -167,6 +177,17 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     _check(t.global_batch_size % num_devices == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{num_devices} devices the batch is split over; use a multiple of {num_devices}.")
+    accum = t.get("grad_accum_steps", 1)
+    _check(t.global_batch_size % (accum * num_devices) == 0,
+           f"config.train.global_batch_size={t.global_batch_size} does not split into "
+           f"train.grad_accum_steps={accum} micro-batches shared evenly by the {num_devices} "
+           f"devices; use a multiple of {accum * num_devices} (or fewer accumulation steps).")
+    _check(loss.weighting != "ant_uw"
+           or (t.global_batch_size // loss.uw_clusters) % accum == 0,
+           f"config.train.grad_accum_steps={accum} must divide the "
+           f"{t.global_batch_size // loss.uw_clusters} samples ANT-UW draws per cluster "
+           f"(global_batch_size / loss.uw_clusters), so that every micro-batch holds every "
+           "cluster equally.")
     _check(t.global_batch_size % process_count == 0,
            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the "
            f"{process_count} processes; use a multiple of {process_count}.")

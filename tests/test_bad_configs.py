@@ -217,6 +217,15 @@ CASES = [
     ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh"),
     ({**MOE, "model.ffn.num_experts": 6, "mesh.expert": 4, "mesh.data": 2},
      "config.mesh.expert=4"),
+    # the researcher's workbench: accumulation, bucket losses, W&B, warm starts
+    ({"train.grad_accum_steps": 0}, "config.train.grad_accum_steps"),
+    ({"train.grad_accum_steps": 3}, "train.grad_accum_steps=3"),  # 128 % (3 x 8 devices)
+    ({"train.grad_accum_steps": 32}, "train.grad_accum_steps=32"),
+    ({"loss.weighting": "ant_uw", "loss.uw_clusters": 16, "train.grad_accum_steps": 16}, "train.grad_accum_steps=16"),
+    ({"train.loss_buckets": -1}, "config.train.loss_buckets"),
+    ({"train.wandb_mode": "cloud"}, "config.train.wandb_mode"),
+    ({"train.init_ema": "both"}, "config.train.init_ema"),
+    ({"train.init_from": "/no/such/checkpoint"}, "config.train.init_from"),
 ]
 
 # Mesh shapes against the parameters: (overrides, num_devices, process_count, field).

@@ -16,11 +16,12 @@ from switch_dit_jax import parallel, sample
 from switch_dit_jax.data import pipeline
 from switch_dit_jax.errors import BadFileError
 from switch_dit_jax.files import load_npz
-from switch_dit_jax.models import build_model
+from switch_dit_jax.models import build_model, flops
+from switch_dit_jax.models.dit import DiT
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
-from switch_dit_jax.train import peers, runtime, workdir_lock
+from switch_dit_jax.train import peers, pictures, runtime, warm_start, workdir_lock
 from switch_dit_jax.train.preemption import PreemptionGuard, StartupStop
 from switch_dit_jax.train.state import (count_params, create_train_state, make_optimizer,
                                         state_shardings)
@@ -72,10 +73,15 @@ def evaluate_in_training(model, config, state, mesh, shardings, workdir: str, wr
 
 
 def write_samples(model, config, state, mesh, shardings, workdir: str, writer=None):
-    """EMA samples -> samples/samples_<step>.png (grid) and .npz (ADM format, with labels)."""
+    """EMA samples -> samples/samples_<step>.png (grid) and .npz (ADM format, with labels);
+    with a writer, the grid and the routing / capacity pictures (train/pictures.py) go to it."""
     step = int(state.step)
+    recorder = pictures.capacity_recorder(model) if writer is not None else None
     images, labels = sample.generate(model, config, state.ema_params, state.ema_model_state,
-                                     mesh, shardings.ema_params)
+                                     mesh, shardings.ema_params, on_capacity=recorder)
+    if writer is not None:  # routing / capacity pictures of the models that have them
+        writer.write_images(step, pictures.training_pictures(model, config, state.ema_params,
+                                                             workdir, recorder))
     if config.data.name == "latents":
         latents, images = images, sample.decode_latents(config, images, mesh)
         if images is None:  # no VAE configured: keep the latents, there is no image to show
@@ -120,6 +126,16 @@ def train_and_evaluate(config, workdir: str) -> None:
         except BaseException as e:
             peers.exit_if_lost(e, workdir)
             raise
+
+
+def _train_flops_and_peak(model, config) -> tuple[float | None, float | None]:
+    """(analytic FLOPs of one train step, peak FLOP/s of all devices) for the MFU of the
+    progress line; (None, None) off the devices of flops.PEAK_FLOPS (e.g. on a CPU)."""
+    peak = flops.peak_flops(jax.devices()[0].device_kind, config.model.compute_dtype)
+    if peak is None or not isinstance(model, DiT):
+        return None, None
+    return (flops.train_flops_per_step(model, config.train.global_batch_size),
+            peak * jax.device_count())
 
 
 def _latest_text(checkpointer) -> str | None:
@@ -183,9 +199,13 @@ def _train(config, workdir: str, guard, lock) -> None:
         init_key, step_key = _keys(config.seed)
         if resume_step is not None:
             checkpointer.restore_data(resume_step, data_iter)
-            log.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
+            log.info("resumed from the checkpoint of step %d in %s%s", int(state.step), workdir,
+                     f" (train.init_from={config.train.init_from!r} applies to new runs only)"
+                     if config.train.get("init_from") else "")
         else:
             state = create_train_state(model, tx, init_key, mesh, config.loss)
+            if config.train.get("init_from"):
+                state = warm_start.warm_start(state, config, shardings)
         if jax.process_index() == 0:
             log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
             log.info("trainable parameters: %s", f"{count_params(state.params):,}")
@@ -199,8 +219,10 @@ def _train(config, workdir: str, guard, lock) -> None:
         first = int(state.step)
         if jax.process_index() == 0:  # the steps after `first` are written again below
             metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), first)
-        writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
-        progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every)
+        writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, first, config)
+        progress = metrics_lib.ProgressReporter(t.num_steps, writer, t.log_every,
+                                                t.global_batch_size,
+                                                *_train_flops_and_peak(model, config))
         nonfinite = guard_lib.NonFiniteGuard(t.get("nonfinite", "stop"),
                                              lambda: _latest_text(checkpointer))
         if first >= t.num_steps:
@@ -224,12 +246,10 @@ def _train(config, workdir: str, guard, lock) -> None:
                                                        or step == t.num_steps)
                 eval_due = bool(config.eval.eval_every) and step % config.eval.eval_every == 0
                 if log_due:
-                    means = jax.tree.map(lambda *m: float(np.mean(m)),
-                                         *jax.device_get(history))
-                    means.pop(guard_lib.FINITE, None)
+                    means = metrics_lib.window_means(jax.device_get(history))
                     writer.write_scalars(step, means)
                     history = []
-                    progress(step)
+                    progress(step, means.get("loss"))
                 if log_due or save_due or sample_due or eval_due:
                     nonfinite.check()  # train.nonfinite="stop" raises here, before any save
                 saved = (_save(checkpointer, lock, nonfinite, step, state, data_iter, stopping)

@@ -17,6 +17,7 @@ from switch_dit_jax.diffusion.flow import RectifiedFlow
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
 from switch_dit_jax.models import switch
 from switch_dit_jax.train.guard import FINITE
+from switch_dit_jax.train.metrics import BUCKET_COUNTS, BUCKET_SUMS
 from switch_dit_jax.train.state import (UW_PARAMS, TrainState, learning_rate_schedule,
                                         model_params)
 
@@ -97,6 +98,20 @@ def mixture_losses(aux: dict, depth: int) -> dict[str, jax.Array]:
     return out
 
 
+def timestep_buckets(t: jax.Array, num_buckets: int, horizon: float) -> jax.Array:
+    """Bucket k of K holds t in [k·T/K, (k+1)·T/K) (T = num_timesteps; 1 for flow times)."""
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        return (t * num_buckets) // int(horizon)
+    return jnp.clip(jnp.floor(t * (num_buckets / horizon)), 0, num_buckets - 1).astype(jnp.int32)
+
+
+def split_micro_batches(a: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] with micro-batch i = samples i, i+n, i+2n, ...: strided, so a
+    batch split over devices in contiguous blocks gives every device its share of every
+    micro-batch (and ANT-UW's cluster-ordered layout stays cluster-ordered)."""
+    return jnp.swapaxes(a.reshape((a.shape[0] // n, n) + a.shape[1:]), 0, 1)
+
+
 def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                     tx: optax.GradientTransformation, config) -> Callable:
     """The train step for `model` under `diffusion`; jit it with the state's shardings.
@@ -105,16 +120,35 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     what the uninterrupted one would have. `metrics[FINITE]` is 1.0 when the loss and the
     gradient norm are finite; with train.nonfinite="skip" a step where it is 0.0 leaves params,
     optimizer state, model state and EMA unchanged (the step counter still advances).
+
+    Gradient accumulation (train.grad_accum_steps = n > 1): timesteps, noise and label dropout
+    are drawn for the whole batch, which is then split into n micro-batches run one after the
+    other in a `lax.scan`; gradients and metrics are averaged over them, so a dense model takes
+    the update of one big batch (to round-off). A model's own randomness (noisy gating) is
+    drawn per micro-batch (in-network dropout, noisy gating). Mixtures see one micro-batch at a time: a DiffMoE pool is one
+    micro-batch's tokens (per data-parallel group), its capacity-predictor BCE is taken against
+    that pool's dispatch mask, and the thresholds take one EMA step per optimizer step from the
+    mean over micro-batches of each pool's K-th predictor score (as over data-parallel
+    groups). Batch-level losses that are not means over samples (the load-balancing losses)
+    are averaged over micro-batches.
     """
     lr_fn = learning_rate_schedule(config.train)
     decay = float(config.train.ema_decay)
     loss_cfg = config.loss
     is_flow = isinstance(diffusion, RectifiedFlow)
     skip_nonfinite = config.train.get("nonfinite", "stop") == "skip"
+    accum = int(config.train.get("grad_accum_steps", 1))
+    num_buckets = int(config.train.get("loss_buckets", 0))
+    horizon = 1.0 if is_flow else diffusion.num_timesteps
+    # Label dropout is drawn here, per sample of the whole batch, rather than inside the model,
+    # so that micro-batches drop exactly the labels one big batch would.
+    drop_prob = (float(getattr(model, "class_dropout_prob", 0.0))
+                 if getattr(model, "num_classes", 1) > 1 else 0.0)
+    net = model.clone(class_dropout_prob=0.0) if drop_prob > 0 else model
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
-        k_t, k_noise, k_drop, k_gate, k_prior = jax.random.split(key, 5)
+        k_t, k_noise, k_drop, k_model, k_prior = jax.random.split(key, 5)
         x, y = batch["image"], batch["label"]
         if is_flow:
             t = diffusion.sample_t(k_t, x.shape[0])
@@ -127,28 +161,36 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
         w = 1.0 if is_flow else weighting.mse_weights(
             loss_cfg.weighting, diffusion.alphas_cumprod, t, min_snr_gamma=loss_cfg.min_snr_gamma,
             p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
+        if drop_prob > 0:
+            drop = jax.random.uniform(k_drop, y.shape) < drop_prob
+            y = jnp.where(drop, model.num_classes, y)
+        samples = {"x": x, "y": y, "t": t, "noise": noise,
+                   "w": jnp.broadcast_to(jnp.asarray(w, jnp.float32), t.shape)}
+        if num_buckets:
+            samples["bucket"] = timestep_buckets(t, num_buckets, horizon)
 
-        def loss_fn(params):
+        def loss_fn(params, micro, k_model):
+            k_dropout, k_gate = jax.random.split(k_model)
             sown, new_model_state = {}, {}
 
             def model_fn(x_t, t_model):
-                out, mutated = model.apply(
-                    {"params": model_params(params), **state.model_state}, x_t, t_model, y,
-                    train=True, rngs={"dropout": k_drop, "gating": k_gate},
+                out, mutated = net.apply(
+                    {"params": model_params(params), **state.model_state}, x_t, t_model,
+                    micro["y"], train=True, rngs={"dropout": k_dropout, "gating": k_gate},
                     mutable=["aux", *state.model_state])
                 sown.update(mutated.pop("aux", {}))
                 new_model_state.update(mutated)  # e.g. DiffMoE thresholds
                 return out
 
-            terms = diffusion.training_losses(model_fn, x, t, noise)
-            per_sample = w * terms["mse"] + terms["vb"]
+            terms = diffusion.training_losses(model_fn, micro["x"], micro["t"], micro["noise"])
+            per_sample = micro["w"] * terms["mse"] + terms["vb"]
             if UW_PARAMS in params:
                 diffusion_loss = weighting.uncertainty_weighted_loss(
                     per_sample, params[UW_PARAMS]["log_var"])
             else:
                 diffusion_loss = per_sample.mean()
             extra = {} if is_flow else routing_losses(
-                model, sown, diffusion.model_timesteps(t), k_prior, loss_cfg)
+                model, sown, diffusion.model_timesteps(micro["t"]), k_prior, loss_cfg)
             extra.update(mixture_losses(sown, model.depth))
             loss = diffusion_loss
             if "prior_loss" in extra:
@@ -159,9 +201,32 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                 loss = loss + loss_cfg.capacity_weight * extra["capacity_loss"]
             metrics = {k: v.mean() for k, v in terms.items()}
             metrics.update(extra, loss=loss, diffusion_loss=diffusion_loss)
-            return loss, (metrics, new_model_state)
+            sums = {}
+            if num_buckets:  # the unweighted per-sample loss: comparable across weightings
+                sums[BUCKET_SUMS] = jax.ops.segment_sum(terms["loss"], micro["bucket"],
+                                                        num_buckets)
+                sums[BUCKET_COUNTS] = jax.ops.segment_sum(
+                    jnp.ones_like(terms["loss"]), micro["bucket"], num_buckets)
+            return loss, (metrics, new_model_state, sums)
 
-        grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if accum == 1:
+            grads, (metrics, model_state, sums) = grad_fn(state.params, samples, k_model)
+        else:
+            micro = jax.tree.map(lambda a: split_micro_batches(a, accum), samples)
+
+            def accumulate(total, inputs):
+                index, batch_i = inputs
+                out = grad_fn(state.params, batch_i, jax.random.fold_in(k_model, index))
+                return jax.tree.map(jnp.add, total, out), None
+
+            first = jax.tree.map(lambda a: a[0], micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(grad_fn, state.params, first, k_model))
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+            # Means over micro-batches; the bucket sums and counts stay sums.
+            (grads, (metrics, model_state, _)), sums = (
+                jax.tree.map(lambda a: a / accum, total), total[1][2])
         model_state = {**state.model_state, **model_state}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -178,7 +243,7 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                                      new_state.replace(step=state.step),
                                      state).replace(step=state.step + 1)
         # constant_schedule returns a Python float: make every metric an array.
-        metrics = dict(metrics, grad_norm=grad_norm,
+        metrics = dict(metrics, **sums, grad_norm=grad_norm,
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
         metrics[FINITE] = finite
         if UW_PARAMS in params:
