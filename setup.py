@@ -21,6 +21,7 @@ setup(
         "tensorflow-datasets",
         "scikit-learn",
         "pillow",
+        "matplotlib>=3.7",  # analysis pictures and run curves (Agg canvas, no display)
         "safetensors",
         "numpy",
     ],
