@@ -15,6 +15,7 @@ def get_config():
     config.model.routing.alpha = 4.0
     config.model.routing.beta = 0.8
     config.train.num_steps = 1500
+    config.train.ema_decay = 0.995  # the EMA must forget the random init within 1500 steps
     config.train.checkpoint_every = 500
     config.train.sample_every = 500
     return config

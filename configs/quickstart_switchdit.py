@@ -26,6 +26,7 @@ def get_config():
     r.integration = "mask_skip_init"
     config.loss.prior_weight = 1.0
     config.train.num_steps = 1500
+    config.train.ema_decay = 0.995  # the EMA must forget the random init within 1500 steps
     config.train.checkpoint_every = 500
     config.train.sample_every = 500
     return config

@@ -21,9 +21,10 @@ def new_figure(width_in: float, height_in: float, dpi: int = DPI) -> Figure:
 
 
 def run_title(what: str, run: str, step: int | None) -> str:
-    """'<what> — run <run>, step <step>', the title form of every picture."""
+    """'<what>' over 'run <run>, step <step>', the title form of every picture (two lines, so
+    that narrow pictures keep it whole)."""
     where = f"run {run}" if run else "run (unnamed)"
-    return f"{what} — {where}" + (f", step {step:,}" if step is not None else "")
+    return f"{what}\n{where}" + (f", step {step:,}" if step is not None else "")
 
 
 def run_name(workdir: str) -> str:
