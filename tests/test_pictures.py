@@ -199,7 +199,8 @@ def test_curves_draw_one_line_per_run_with_smoothing_and_a_legend(two_runs):
 
 def test_curves_average_seeds_into_one_line(tmp_path):
     runs = [write_run(tmp_path / "dtr" / f"seed{s}",
-                      [{"step": 100, "eval/digits_fd": 1.0 + s}, {"step": 200, "eval/digits_fd": 3.0 * s}])
+                      [{"step": 100, "eval/digits_fd": 1.0 + s},
+                       {"step": 200, "eval/digits_fd": 3.0 * s}])
             for s in range(3)]
     fig = curves.plot_runs(runs, ["fd"])
     (ax,) = [a for a in fig.axes if a.get_visible()]

@@ -17,7 +17,8 @@ are (`prior_loss`, `eval/digits_fd`, ...) or these short names:
 Training scalars (all but `eval/...`) are logged as means over `train.log_every` steps and are
 drawn faintly as logged and boldly smoothed by a debiased exponential moving average,
 m_i = w·m_{i-1} + (1-w)·x_i from m_0 = 0, drawn as s_i = m_i / (1 - w^i) for the i-th logged
-value (TensorBoard's smoothing; `--smoothing=w`, default 0.6, 0 = none). Evaluation metrics are drawn as measured.
+value (TensorBoard's smoothing; `--smoothing=w`, default 0.6, 0 = none). Evaluation metrics
+are drawn as measured.
 Runs whose paths differ only in a `seed<N>` component (runs/dit/seed0, runs/dit/seed1, ...) are
 drawn as one line, their mean over the seeds at each step, with their range shaded.
 """
@@ -42,7 +43,8 @@ ALIASES = {"loss": "loss", "fid": "eval/fid", "sfid": "eval/sfid", "is": "eval/i
            "accuracy": "eval/digits_classifier_accuracy"}
 BUCKET = re.compile(r"^loss/t_bucket_(\d+)$")
 SEED = re.compile(r"^seed\d+$")
-LABELS = {"loss": "training loss", "eval/fid": "FID", "eval/sfid": "sFID",
+LABELS = {"loss": "training loss", "diffusion_loss": "diffusion loss (no prior/MoE terms)",
+          "eval/fid": "FID", "eval/sfid": "sFID",
           "eval/inception_score": "Inception Score", "eval/precision": "precision",
           "eval/recall": "recall", "eval/digits_fd": "digits FD (classifier features)",
           "eval/digits_classifier_accuracy": "digits classifier accuracy"}
@@ -228,8 +230,8 @@ def plot_runs(run_dirs: list[str], metrics: list[str] | None = None, names: list
             _draw_over_steps(ax, groups, key, smoothing, colors)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    handles = [Line2D([], [], color=color, linewidth=1.8,
-                      label=name if len(g) == 1 else f"{name} (mean of {len(g)} seeds, range shaded)")
+    handles = [Line2D([], [], color=color, linewidth=1.8, label=name if len(g) == 1
+                      else f"{name} (mean of {len(g)} seeds, range shaded)")
                for (name, g), color in zip(groups, colors)]
     widest = max(len(h.get_label()) for h in handles) * 0.085 + 0.7  # inches at 10 pt
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
