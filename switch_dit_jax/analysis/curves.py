@@ -43,7 +43,7 @@ ALIASES = {"loss": "loss", "fid": "eval/fid", "sfid": "eval/sfid", "is": "eval/i
            "accuracy": "eval/digits_classifier_accuracy"}
 BUCKET = re.compile(r"^loss/t_bucket_(\d+)$")
 SEED = re.compile(r"^seed\d+$")
-LABELS = {"loss": "training loss", "diffusion_loss": "diffusion loss (no prior/MoE terms)",
+LABELS = {"loss": "training loss", "diffusion_loss": "diffusion loss",
           "eval/fid": "FID", "eval/sfid": "sFID",
           "eval/inception_score": "Inception Score", "eval/precision": "precision",
           "eval/recall": "recall", "eval/digits_fd": "digits FD (classifier features)",
@@ -142,39 +142,45 @@ def _stack(runs: list[Run], key: str, weight: float):
     return steps, values
 
 
-def _log_scale(ax) -> None:
-    """Log y with labels at 1, 2 and 5 per decade (and at every minor tick within a decade)."""
+def _log_scale_if_wide(ax) -> None:
+    """Log y when the plotted values are positive and span more than a factor 3 (losses fall by
+    orders of magnitude; ANT-UW's can be negative), labelled at 1, 2 and 5 per decade."""
+    values = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+                            or [np.ones(1)])
+    if not (np.all(values > 0) and values.max() > 3 * values.min()):
+        return
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    low, high = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if high / low < 4 else NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _draw_over_steps(ax, groups, key: str, weight: float, colors) -> None:
+def _draw_over_steps(ax, groups, key: str, weight: float, styles) -> None:
     is_eval = key.startswith("eval/")
     w = 0.0 if is_eval else weight
-    for (name, runs), color in zip(groups, colors):
+    for (name, runs), (color, dashes, marker) in zip(groups, styles):
         if not is_eval and w > 0 and len(runs) == 1 and key in runs[0].series:
             ax.plot(*runs[0].series[key], color=color, alpha=0.25, linewidth=0.8)
         steps, values = _stack(runs, key, w)
         if steps is None:
             continue
-        ax.plot(steps, values.mean(0), color=color, linewidth=1.8, label=name,
-                marker="o" if is_eval else None, markersize=4)
+        ax.plot(steps, values.mean(0), color=color, linewidth=1.8, label=name, linestyle=dashes,
+                marker=marker if is_eval or len(steps) < 3 else None, markersize=5)
         if len(runs) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2)
     ax.set_xlabel("training step")
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_title(LABELS.get(key, key) + ("" if is_eval or w == 0 else f" (smoothed, w={w:g})"))
-    if key.endswith("loss") and all(np.all(line.get_ydata() > 0) for line in ax.get_lines()):
-        _log_scale(ax)  # losses fall by orders of magnitude; ANT-UW's can be negative
+    if key.endswith("loss"):
+        _log_scale_if_wide(ax)
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(True, alpha=0.3)
 
 
-def _draw_loss_by_bucket(ax, groups, weight: float, colors) -> None:
+def _draw_loss_by_bucket(ax, groups, weight: float, styles) -> None:
     last = 0
-    for (name, runs), color in zip(groups, colors):
+    for (name, runs), (color, dashes, marker) in zip(groups, styles):
         keys = sorted({k for r in runs for k in r.series if BUCKET.match(k)},
                       key=lambda k: int(BUCKET.match(k).group(1)))
         if not keys:
@@ -185,15 +191,14 @@ def _draw_loss_by_bucket(ax, groups, weight: float, colors) -> None:
             vals = [smooth(r.series[key][1], weight)[-1] for r in runs if key in r.series]
             ks.append(int(BUCKET.match(key).group(1)))
             finals.append(np.mean(vals))
-        ax.plot((np.array(ks) + 0.5) / num, finals, color=color, marker="o", linewidth=1.8,
-                label=name)
+        ax.plot((np.array(ks) + 0.5) / num, finals, color=color, marker=marker, linewidth=1.8,
+                linestyle=dashes, label=name)
         last = max([last] + [int(r.series[k][0][-1]) for r in runs for k in keys
                              if k in r.series])
     ax.set_xlim(0, 1)
     ax.set_xlabel("timestep t/T (centre of each bucket)")
     ax.set_ylabel("loss in bucket (smoothed)")
-    if all(np.all(line.get_ydata() > 0) for line in ax.get_lines()):
-        _log_scale(ax)  # the loss of small t is orders of magnitude below that of large t
+    _log_scale_if_wide(ax)  # the loss of small t can be orders of magnitude below large t
     ax.set_title(f"loss per timestep bucket at step {last:,}")
     ax.grid(True, alpha=0.3)
 
@@ -222,17 +227,20 @@ def plot_runs(run_dirs: list[str], metrics: list[str] | None = None, names: list
     rows = -(-len(keys) // cols)
     fig = figures.new_figure(4.6 * cols, 3.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    colors = [f"C{i % 10}" for i in range(len(groups))]
+    # Colour, dashes and marker all differ between runs, so that coinciding lines stay visible.
+    styles = [(f"C{i % 10}", ("-", "--", ":", "-.")[i % 4], "os^Dv<>p"[i % 8])
+              for i in range(len(groups))]
     for ax, key in zip(axes, keys):
         if key == "loss_t":
-            _draw_loss_by_bucket(ax, groups, smoothing, colors)
+            _draw_loss_by_bucket(ax, groups, smoothing, styles)
         else:
-            _draw_over_steps(ax, groups, key, smoothing, colors)
+            _draw_over_steps(ax, groups, key, smoothing, styles)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    handles = [Line2D([], [], color=color, linewidth=1.8, label=name if len(g) == 1
+    handles = [Line2D([], [], color=color, linestyle=dashes, marker=marker, linewidth=1.8,
+                      label=name if len(g) == 1
                       else f"{name} (mean of {len(g)} seeds, range shaded)")
-               for (name, g), color in zip(groups, colors)]
+               for (name, g), (color, dashes, marker) in zip(groups, styles)]
     widest = max(len(h.get_label()) for h in handles) * 0.085 + 0.7  # inches at 10 pt
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=max(1, min(len(handles), int(fig.get_figwidth() / widest))))
