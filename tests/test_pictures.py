@@ -195,6 +195,10 @@ def test_curves_draw_one_line_per_run_with_smoothing_and_a_legend(two_runs):
     assert "step 300" in bucket_ax.get_title()
     for ax in (loss_ax, fd_ax, acc_ax, bucket_ax):
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    # By default a series of fewer than 20 logged values is drawn as logged.
+    (default_ax,) = [ax for ax in curves.plot_runs([two_runs[0]], ["loss"]).axes
+                     if ax.get_visible()]
+    assert [list(ln.get_ydata()) for ln in default_ax.get_lines()] == [[1.0, 2.0, 3.0]]
 
 
 def test_curves_average_seeds_into_one_line(tmp_path):

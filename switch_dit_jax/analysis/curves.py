@@ -17,8 +17,9 @@ are (`prior_loss`, `eval/digits_fd`, ...) or these short names:
 Training scalars (all but `eval/...`) are logged as means over `train.log_every` steps and are
 drawn faintly as logged and boldly smoothed by a debiased exponential moving average,
 m_i = w·m_{i-1} + (1-w)·x_i from m_0 = 0, drawn as s_i = m_i / (1 - w^i) for the i-th logged
-value (TensorBoard's smoothing; `--smoothing=w`, default 0.6, 0 = none). Evaluation metrics
-are drawn as measured.
+value (TensorBoard's smoothing; `--smoothing=w`, 0 = none). By default w = 0.6 for a series
+of at least 20 logged values and none for a shorter one, whose few values are already means
+over log_every steps and would only lag. Evaluation metrics are drawn as measured.
 Runs whose paths differ only in a `seed<N>` component (runs/dit/seed0, runs/dit/seed1, ...) are
 drawn as one line, their mean over the seeds at each step, with their range shaded.
 """
@@ -94,6 +95,10 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return [str(i) for i in range(len(run_dirs))]  # the same directory given twice
 
 
+def default_weight(num_values: int) -> float:
+    return 0.6 if num_values >= 20 else 0.0
+
+
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing); weight 0 returns values."""
     out, last = np.empty_like(values, dtype=np.float64), 0.0
@@ -155,9 +160,10 @@ def _log_scale_if_wide(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _draw_over_steps(ax, groups, key: str, weight: float, styles) -> None:
+def _draw_over_steps(ax, groups, key: str, weight: float | None, styles) -> None:
     is_eval = key.startswith("eval/")
-    w = 0.0 if is_eval else weight
+    longest = max(len(r.series[key][0]) for _, runs in groups for r in runs if key in r.series)
+    w = 0.0 if is_eval else default_weight(longest) if weight is None else weight
     for (name, runs), (color, dashes, marker) in zip(groups, styles):
         if not is_eval and w > 0 and len(runs) == 1 and key in runs[0].series:
             ax.plot(*runs[0].series[key], color=color, alpha=0.25, linewidth=0.8)
@@ -178,7 +184,7 @@ def _draw_over_steps(ax, groups, key: str, weight: float, styles) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _draw_loss_by_bucket(ax, groups, weight: float, styles) -> None:
+def _draw_loss_by_bucket(ax, groups, weight: float | None, styles) -> None:
     last = 0
     for (name, runs), (color, dashes, marker) in zip(groups, styles):
         keys = sorted({k for r in runs for k in r.series if BUCKET.match(k)},
@@ -188,7 +194,8 @@ def _draw_loss_by_bucket(ax, groups, weight: float, styles) -> None:
         num = int(BUCKET.match(keys[-1]).group(1)) + 1
         ks, finals = [], []
         for key in keys:
-            vals = [smooth(r.series[key][1], weight)[-1] for r in runs if key in r.series]
+            vals = [smooth(v, default_weight(len(v)) if weight is None else weight)[-1]
+                    for r in runs if key in r.series for v in [r.series[key][1]]]
             ks.append(int(BUCKET.match(key).group(1)))
             finals.append(np.mean(vals))
         ax.plot((np.array(ks) + 0.5) / num, finals, color=color, marker=marker, linewidth=1.8,
@@ -197,19 +204,19 @@ def _draw_loss_by_bucket(ax, groups, weight: float, styles) -> None:
                              if k in r.series])
     ax.set_xlim(0, 1)
     ax.set_xlabel("timestep t/T (centre of each bucket)")
-    ax.set_ylabel("loss in bucket (smoothed)")
+    ax.set_ylabel("loss in the bucket")
     _log_scale_if_wide(ax)  # the loss of small t can be orders of magnitude below large t
     ax.set_title(f"loss per timestep bucket at step {last:,}")
     ax.grid(True, alpha=0.3)
 
 
 def plot_runs(run_dirs: list[str], metrics: list[str] | None = None, names: list[str] | None = None,
-              smoothing: float = 0.6, title: str = ""):
+              smoothing: float | None = None, title: str = ""):
     """The figure of `metrics` (default: loss, loss_t and every eval metric present) of the runs;
     one panel per metric, one colour per run (or seed group), one legend of run names."""
     if not run_dirs:
         raise UserError("no RUN_DIR given; pass one or more training workdirs.")
-    if not 0 <= smoothing < 1:
+    if smoothing is not None and not 0 <= smoothing < 1:
         raise UserError(f"--smoothing={smoothing} is outside [0, 1); use e.g. 0.6 (0 = none).")
     names = names or run_names(run_dirs)
     if len(names) != len(run_dirs):
@@ -257,8 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated metrics (default: loss, loss_t and every eval metric "
                         "the runs have)")
     p.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
-    p.add_argument("--smoothing", type=float, default=0.6,
-                   help="EMA weight w in [0, 1) for training scalars (default 0.6, 0 = none)")
+    p.add_argument("--smoothing", type=float, default=None,
+                   help="EMA weight w in [0, 1) for training scalars, 0 = none (default: 0.6 "
+                        "for series of at least 20 logged values, none for shorter ones)")
     p.add_argument("--names", default="", help="comma-separated legend names, one per RUN_DIR")
     p.add_argument("--title", default="", help="figure title (default: the run names)")
     return p.parse_args(argv)
