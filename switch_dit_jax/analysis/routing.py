@@ -2,11 +2,13 @@
 
     python -m switch_dit_jax.analysis.routing --config=configs/switchdit_b.py --workdir=DIR
 
-writes DIR/analysis/gate_vs_prior.png (the stacked top-k activation map w_gate of all T
-timesteps, its columns matched to the prior, next to w_prior; rows = timesteps t = 1..T from
-top to bottom, columns = the N·M experts) and DIR/analysis/denoising_paths.png (for t = 0.25T,
-0.5T, 0.75T and T: the experts each block activates; experts active at all four are drawn in
-the highlight colour), using the EMA weights of the latest checkpoint.
+writes, from the EMA weights of the latest checkpoint, DIR/analysis/gate_vs_prior.png (the
+stacked top-k activation map w_gate of all T timesteps with its columns in the order the
+assignment matches to the prior, next to w_prior and to the gate probabilities; rows =
+timesteps t = 1..T from top to bottom, columns named by block and expert) and
+DIR/analysis/denoising_paths.png (for t = 0.25T, 0.5T, 0.75T and T: the experts each block
+activates, joined block to block; experts active at all four t are the shared path). Both are
+titled with the run (DIR's name) and the checkpoint's step.
 """
 from __future__ import annotations
 
