@@ -17,8 +17,8 @@ from collections import defaultdict
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 
+from switch_dit_jax.analysis import figures
 from switch_dit_jax.train.state import model_params
 
 log = logging.getLogger("switch_dit_jax")
@@ -70,47 +70,46 @@ def summarize(ts: np.ndarray, caps: np.ndarray, params, num_experts: int,
             "activated_parameters": activated_parameters(params, c_avg, num_experts)}
 
 
-def render(summary: dict, path: str) -> None:
-    """Heat map of C^E per mixture layer (rows) over the sampling steps (noise -> data), its
-    colour scale stretched over the observed range, and C_infer per step as a line below."""
+def render(summary: dict, path: str, run: str = "", step: int | None = None):
+    """DiffMoE Fig. 12: the capacity C^E of every mixture layer (rows) over the sampling steps
+    from noise to data (colour bar over the observed range), and below it C_infer per step with
+    each layer's capacity as a line, against the dense compute C = 1. Returns the figure."""
     per_layer = np.asarray(summary["c_infer_per_layer"]).T  # [L, steps]
     c_step = np.asarray(summary["c_infer"])
     layers, steps = per_layer.shape
-    cell_w, cell_h = max(2, 480 // steps), max(18, 144 // layers)
-    lo, hi = float(per_layer.min()), float(per_layer.max())
-    level = (per_layer - lo) / max(hi - lo, 1e-6)
-    rgb = np.stack([60 + level * 195, 40 + level * 150, 90 - level * 60], -1)
-    image = Image.fromarray(rgb.astype(np.uint8)).resize((steps * cell_w, layers * cell_h),
-                                                         Image.NEAREST)
-    left, top, plot_h = 58, 22, 90
-    canvas = Image.new("RGB", (image.width + left + 10, top + image.height + plot_h + 48),
-                       "white")
-    canvas.paste(image, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"capacity C^E per mixture layer over sampling (noise -> data); "
-                      f"C_infer avg {summary['c_infer_avg']:.3f}", fill="black")
-    for i in range(layers):
-        draw.text((4, top + i * cell_h + cell_h // 2 - 6), f"layer {i}", fill="black")
-    y0 = top + image.height + 4
-    draw.text((left, y0), f"dark = {lo:.2f}, bright = {hi:.2f}", fill="black")
-    # C_infer per step, on a scale that always shows the dense-compute line C = 1.
-    c_lo, c_hi = min(c_step.min(), 1.0), max(c_step.max(), 1.0)
-    span = max(c_hi - c_lo, 1e-6)
-    plot_top = y0 + 18
-    to_y = lambda c: plot_top + plot_h - (c - c_lo) / span * plot_h  # noqa: E731
-    xs = left + (np.arange(steps) + 0.5) * cell_w
-    draw.line([(left, to_y(1.0)), (left + image.width, to_y(1.0))], fill=(170, 170, 170))
-    draw.line(list(zip(xs.tolist(), [to_y(c) for c in c_step])), fill=(200, 80, 20), width=2)
-    draw.text((4, plot_top - 6), f"{c_hi:.2f}", fill="black")
-    draw.text((4, plot_top + plot_h - 6), f"{c_lo:.2f}", fill="black")
-    draw.text((left, plot_top + plot_h + 8), "C_infer per step (grey: C = 1, the dense compute)",
-              fill="black")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
+    fig = figures.new_figure(max(6.5, min(0.05 * steps + 5.0, 12.0)),
+                             2.6 + 0.32 * layers + 2.4)
+    heat, line = fig.subplots(2, 1, sharex=True,
+                              gridspec_kw={"height_ratios": [max(layers, 2), 6]})
+    image = heat.imshow(per_layer, aspect="auto", interpolation="nearest", cmap="magma",
+                        extent=(0.5, steps + 0.5, layers - 0.5, -0.5))
+    fig.colorbar(image, ax=heat, label=r"layer capacity $C^E$", pad=0.02)
+    every = max(1, -(-layers // 12))
+    heat.set_yticks(np.arange(0, layers, every))
+    heat.set_yticklabels([f"MoE layer {i}" for i in range(0, layers, every)])
+    heat.set_title(r"capacity $C^E$ of each mixture layer, averaged over its experts", fontsize=9,
+                   loc="left")
+    x = np.arange(1, steps + 1)
+    if layers <= 8:
+        for i in range(layers):
+            line.plot(x, per_layer[i], linewidth=1.0, alpha=0.8, label=f"MoE layer {i}")
+    line.plot(x, c_step, color="black", linewidth=2.0, label=r"$C_\mathrm{infer}$ (all layers)")
+    line.axhline(1.0, color="grey", linestyle="--", linewidth=1.0, label="C = 1 (dense compute)")
+    line.set_xlabel(f"sampling step (1 = pure noise, {steps} = data)")
+    line.set_ylabel("capacity")
+    line.set_title(r"$C_\mathrm{infer}$ per step; its average over the steps "
+                   f"{summary['c_infer_avg']:.3f}",
+                   fontsize=9, loc="left")
+    line.grid(True, alpha=0.3)
+    line.legend(fontsize=8, loc="best", ncols=2 if layers > 3 else 1)
+    fig.colorbar(image, ax=line).remove()  # keeps both panels the same width
+    fig.suptitle(figures.run_title("DiffMoE capacity while sampling", run, step), fontsize=11)
+    return figures.save(fig, path)
 
 
-def report(model, config, state, mesh, shardings, out_dir: str) -> dict:
-    """Sample with capacity recording; write capacity.json and capacity.png."""
+def report(model, config, state, mesh, shardings, out_dir: str, run: str = "") -> dict:
+    """Sample with capacity recording; write capacity.json and capacity.png (titled with `run`
+    and the state's step)."""
     from switch_dit_jax import sample
     recorder = CapacityRecorder()
     sample.generate(model, config, state.ema_params, state.ema_model_state, mesh,
@@ -121,7 +120,7 @@ def report(model, config, state, mesh, shardings, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "capacity.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    render(summary, os.path.join(out_dir, "capacity.png"))
+    render(summary, os.path.join(out_dir, "capacity.png"), run, int(state.step))
     log.info("C_infer^avg = %.4f, average activated parameters = %s", summary["c_infer_avg"],
              f"{summary['activated_parameters']:,.0f}")
     return summary
@@ -138,7 +137,8 @@ def main(argv) -> None:
         model, mesh, state, shardings = restore_latest(config, workdir)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    report(model, config, state, mesh, shardings, os.path.join(workdir, "analysis"))
+    report(model, config, state, mesh, shardings, os.path.join(workdir, "analysis"),
+           figures.run_name(workdir))
 
 
 if __name__ == "__main__":
