@@ -53,11 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train(model: str, seed: int, args, workdir: str) -> float:
-    """Trains one run (resuming an unfinished one); its wall time in seconds, 0 if done."""
-    last = os.path.join(workdir, "checkpoints", str(args.steps))
-    if os.path.isdir(last):
-        return 0.0
+def train(model: str, seed: int, args, workdir: str) -> float | None:
+    """Trains one run (resuming an unfinished one); its wall time in seconds as measured when it
+    was trained (None if unknown)."""
+    timing = os.path.join(workdir, "wall_seconds.txt")
+    if os.path.isdir(os.path.join(workdir, "checkpoints", str(args.steps))):
+        return float(open(timing).read()) if os.path.exists(timing) else None
     command = [sys.executable, "-m", "switch_dit_jax.main",
                f"--config={os.path.join(ROOT, 'configs', CONFIGS[model])}", f"--workdir={workdir}",
                f"--config.seed={seed}", f"--config.data.seed={seed}",
@@ -74,7 +75,10 @@ def train(model: str, seed: int, args, workdir: str) -> float:
     with open(log_path, "w", encoding="utf-8") as log:
         subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=log,
                        stderr=subprocess.STDOUT)
-    return time.monotonic() - start
+    seconds = time.monotonic() - start
+    with open(timing, "w", encoding="utf-8") as f:
+        f.write(f"{seconds:.1f}\n")
+    return seconds
 
 
 def last_evaluation(workdir: str) -> dict[str, float]:
@@ -98,9 +102,9 @@ def main(argv=None) -> dict:
         for seed in range(args.seeds):
             workdir = os.path.join(args.out_dir, model, f"seed{seed}")
             seconds = train(model, seed, args, workdir)
-            print(f"{model} seed {seed}: " + (f"{seconds:.0f} s" if seconds else "already done"),
-                  flush=True)
-            runs.append({"seed": seed, "wall_s": round(seconds, 1), **last_evaluation(workdir)})
+            print(f"{model} seed {seed}: "
+                  + (f"{seconds:.0f} s" if seconds is not None else "done before"), flush=True)
+            runs.append({"seed": seed, "wall_s": seconds, **last_evaluation(workdir)})
             run_dirs.append(workdir)
         entry = {"runs": runs}
         for key in METRICS:
@@ -122,7 +126,7 @@ def main(argv=None) -> dict:
     for model, s in summary["models"].items():
         fd = [r.get("eval/digits_fd", float("nan")) for r in s["runs"]]
         acc = [r.get("eval/digits_classifier_accuracy", float("nan")) for r in s["runs"]]
-        walls = [r["wall_s"] for r in s["runs"]]
+        walls = [r["wall_s"] if r["wall_s"] is not None else float("nan") for r in s["runs"]]
         print(f"| {model} | {' / '.join(f'{v:.2f}' for v in fd)} | "
               f"{' / '.join(f'{v:.2f}' for v in acc)} | {' / '.join(f'{w:.0f}' for w in walls)} |")
     print(os.path.join(args.out_dir, "curves.png"))

@@ -29,11 +29,13 @@ def run_steps(config, state, steps=2):
 
 
 @pytest.mark.parametrize("overrides", [
-    {},  # the class-conditional DiT (label dropout 0.1 drawn for the whole batch)
+    # A class-conditional DiT (label dropout 0.1, drawn for the whole batch) with DTR's fixed
+    # masks and per-sample Min-SNR weights: everything of the dense DiT step, and DTR.
     {"model.routing.kind": "dtr", "loss.weighting": "min_snr"},
-    {"model.routing.kind": "switch", "model.depth": 2, "loss.weighting": "ant_uw",
-     "loss.uw_clusters": 4},  # + the diffusion prior loss; 16 / 4 clusters / 4 micro-batches
-], ids=["dit", "dtr", "switch"])
+    # Switch-DiT: + the diffusion prior loss, and ANT-UW (16 / 4 clusters / 4 micro-batches).
+    {"model.routing.kind": "switch", "loss.weighting": "ant_uw", "loss.uw_clusters": 4,
+     "diffusion.num_timesteps": 100, "model.routing.num_tasks": 100},
+], ids=["dit_dtr", "switch"])
 def test_four_micro_batches_give_the_update_of_one_batch(overrides):
     state = initial_state(test_train.tiny_config(**overrides))
     one = run_steps(test_train.tiny_config(**overrides), state)
@@ -47,8 +49,8 @@ def test_four_micro_batches_give_the_update_of_one_batch(overrides):
 
 
 def test_a_diffmoe_pool_is_one_micro_batch_and_thresholds_take_one_ema_step():
-    moe = {"model.depth": 2, "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 8,
-           "model.ffn.capacity": 0.9}
+    moe = {"model.ffn.kind": "diffmoe", "model.ffn.first": 0, "model.ffn.num_experts": 8,
+           "model.ffn.capacity": 0.9}  # one block, a DiffMoE layer
     # 16 images x 4 tokens: one pool of the whole batch would give K = int(0.9 * 64 / 8) = 7
     # tokens per expert, C = 7 * 8 / 64 = 0.875; with 4 micro-batches a pool holds 16 tokens:
     # K = int(0.9 * 16 / 8) = 1, C = 1 * 8 / 16.

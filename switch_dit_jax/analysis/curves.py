@@ -177,8 +177,8 @@ def _draw_over_steps(ax, groups, key: str, weight: float | None, styles) -> None
     ax.set_xlabel("training step")
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_title(LABELS.get(key, key) + ("" if is_eval or w == 0 else f" (smoothed, w={w:g})"))
-    if key.endswith("loss"):
-        _log_scale_if_wide(ax)
+    if key.endswith("loss") or key in ("eval/fid", "eval/sfid", "eval/digits_fd"):
+        _log_scale_if_wide(ax)  # distances too fall by orders of magnitude
     if ax.get_yscale() == "linear":
         ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(True, alpha=0.3)

@@ -124,13 +124,13 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     Gradient accumulation (train.grad_accum_steps = n > 1): timesteps, noise and label dropout
     are drawn for the whole batch, which is then split into n micro-batches run one after the
     other in a `lax.scan`; gradients and metrics are averaged over them, so a dense model takes
-    the update of one big batch (to round-off). A model's own randomness (noisy gating) is
-    drawn per micro-batch (in-network dropout, noisy gating). Mixtures see one micro-batch at a time: a DiffMoE pool is one
-    micro-batch's tokens (per data-parallel group), its capacity-predictor BCE is taken against
-    that pool's dispatch mask, and the thresholds take one EMA step per optimizer step from the
-    mean over micro-batches of each pool's K-th predictor score (as over data-parallel
-    groups). Batch-level losses that are not means over samples (the load-balancing losses)
-    are averaged over micro-batches.
+    the update of one big batch (to round-off). A model's own randomness (in-network dropout,
+    noisy gating) is drawn per micro-batch. Mixtures see one micro-batch at a time: a DiffMoE
+    pool is one micro-batch's tokens (per data-parallel group), its capacity-predictor BCE is
+    taken against that pool's dispatch mask, and the thresholds take one EMA step per
+    optimizer step from the mean over micro-batches of each pool's K-th predictor score (as
+    over data-parallel groups). Batch-level losses that are not means over samples (the
+    load-balancing losses) are averaged over micro-batches.
     """
     lr_fn = learning_rate_schedule(config.train)
     decay = float(config.train.ema_decay)
