@@ -89,8 +89,8 @@ def wandb_runs(workdir):
     return out
 
 
-def test_a_switch_run_logs_to_tensorboard_and_wandb_offline_and_resumes_both(tmp_path,
-                                                                             caplog):
+def test_a_switch_run_logs_to_tensorboard_and_wandb_offline_and_resumes_both(tmp_path, caplog,
+                                                                             monkeypatch):
     workdir, weights = str(tmp_path / "run"), str(tmp_path / "dit.npz")
     overrides = {"model.routing.kind": "switch", "diffusion.num_timesteps": 100,
                  "model.routing.num_tasks": 100, "train.sample_every": 3,
@@ -102,7 +102,7 @@ def test_a_switch_run_logs_to_tensorboard_and_wandb_offline_and_resumes_both(tmp
     abstract, _ = state_shardings(model, make_optimizer(config.train), parallel.make_mesh(
         config.mesh))
     np.savez(weights, **test_warm_start.official_state_dict(abstract.params))
-    os.environ["WANDB_SILENT"] = "true"
+    monkeypatch.setenv("WANDB_SILENT", "true")
     with caplog.at_level(logging.INFO, logger="switch_dit_jax"):
         loop.train_and_evaluate(test_train.tiny_config(**overrides, **{"train.num_steps": 3}),
                                 workdir)
