@@ -294,6 +294,7 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
             resblock_updown=u["resblock_updown"],
             use_new_attention_order=u["use_new_attention_order"], dropout=u["dropout"],
             num_classes=cfg["num_classes"], class_dropout_prob=cfg["class_dropout_prob"],
+            null_class=cfg["class_dropout_prob"] > 0,
             learn_sigma=cfg["learn_sigma"], dtype=dtype, attention_impl=cfg["attention_impl"],
             remat_policy=remat_policy, routing=FrozenDict(cfg["routing"]))
     head_dim = cfg["head_dim"] or cfg["hidden_size"] // cfg["num_heads"]

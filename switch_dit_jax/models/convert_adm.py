@@ -85,7 +85,7 @@ def from_adm_state_dict(state_dict: Mapping[str, Any], model_config) -> dict:
     if not isinstance(model, UNet):
         raise UserError("from_adm_state_dict needs model.backbone='adm' (with model.name="
                         "'ADM'); for DiT checkpoints use from_torch_state_dict.")
-    if model.num_classes > 1 and model.class_dropout_prob > 0:
+    if model.num_classes > 1 and model.null_class:
         raise UserError(f"model.class_dropout_prob={model.class_dropout_prob} adds a null "
                         "class that ADM checkpoints do not have; set "
                         "model.class_dropout_prob=0 (and sample.cfg_scale=1) to import one.")

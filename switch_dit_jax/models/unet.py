@@ -239,16 +239,19 @@ class AttentionBlock(nn.Module):
 class LabelEmbedding(nn.Module):
     """Class labels -> [B, D] added to the timestep embedding (ADM's label_emb, N(0, 1)).
 
-    With label dropout (classifier-free guidance) the table has an extra "null" row, selected
-    by label == num_classes; without it the table is exactly ADM's (`num_classes` rows).
+    A model trained with label dropout (classifier-free guidance) has an extra "null" row,
+    selected by label == num_classes (`null_class`); without it the table is exactly ADM's
+    (`num_classes` rows). The table's shape depends on `null_class` alone, so the train step
+    may draw the dropout itself and run the model with `dropout_prob=0`.
     """
     num_classes: int
     features: int
     dropout_prob: float
+    null_class: bool
 
     @nn.compact
     def __call__(self, labels, train: bool):
-        rows = self.num_classes + (1 if self.dropout_prob > 0 else 0)
+        rows = self.num_classes + (1 if self.null_class else 0)
         table = self.param("embedding", layers.logical(nn.initializers.normal(1.0),
                                                        ("vocab", "embed")),
                            (rows, self.features), jnp.float32)
@@ -266,7 +269,7 @@ class LabelEmbedding(nn.Module):
 
 class UNet(nn.Module):
     """ADM on NHWC inputs [B, H, W, C] -> [B, H, W, C or 2C]; labels in [0, num_classes]
-    (num_classes = "null" when class_dropout_prob > 0); num_classes == 1 is unconditional."""
+    (num_classes = "null" when null_class); num_classes == 1 is unconditional."""
     input_size: int = 64
     in_channels: int = 3
     model_channels: int = 128
@@ -281,6 +284,7 @@ class UNet(nn.Module):
     dropout: float = 0.0
     num_classes: int = 1
     class_dropout_prob: float = 0.0
+    null_class: bool = False      # a "null" label row (build_model: class_dropout_prob > 0)
     learn_sigma: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "auto"  # resolved per attention block (head dims differ by level)
@@ -365,6 +369,7 @@ class UNet(nn.Module):
             nn.silu(emb)).astype(jnp.float32)
         if self.num_classes > 1:
             emb = emb + LabelEmbedding(self.num_classes, emb_ch, self.class_dropout_prob,
+                                       self.null_class,
                                        name="label_emb")(y, train)
 
         layout = self.layout()

@@ -66,9 +66,13 @@ def read_source(path: str, model_config) -> tuple[dict, str]:
     """({part: nested dict of arrays}, what it is, for the log)."""
     path = os.path.expanduser(path)
     if path.endswith(OFFICIAL_SUFFIXES):
-        from switch_dit_jax.models import convert
+        from switch_dit_jax.models import convert, resolve_model_config
+        # An official DiT file holds the plain backbone: convert it for the same size without
+        # routing or mixtures; the target's extra parameters (routers) keep their init.
+        backbone = dict(resolve_model_config(model_config), routing={"kind": "none"},
+                        ffn={"kind": "mlp"})
         params = jax.device_get(convert.from_torch_state_dict(convert.load_state_dict(path),
-                                                              model_config))
+                                                              backbone))
         return {"params": params, "ema_params": params}, f"official weights {path}"
     step_dir = step_directory(path)
     return _read_project_checkpoint(step_dir), f"checkpoint {step_dir}"
