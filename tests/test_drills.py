@@ -189,6 +189,8 @@ CORRUPTIONS = [
      "data/ item"),
     ("truncated_manifest", lambda d, w: _truncate(os.path.join(d, "state", "manifest.ocdbt")),
      4, 2, "manifest.ocdbt"),
+    ("garbage_METADATA", lambda d, w: open(os.path.join(d, "state", "_METADATA"), "w")
+     .write("{not json"), 4, 2, "state does not read back"),
     ("nan_params", lambda d, w: _nan_params(w), 6, 4, "params hold NaN or inf"),
 ]
 
