@@ -113,3 +113,32 @@ def test_official_weights_warm_start_params_and_ema(tmp_path):
                                       sd["blocks.0.mlp.fc1.weight"].T)
         np.testing.assert_array_equal(tree["y_embedder"]["embedding_table"],
                                       sd["y_embedder.embedding_table.weight"])
+
+
+def test_openai_adm_weights_warm_start_a_cfg_dtr_unet(tmp_path):
+    """An ADM state dict (no null class) into a class-conditional DTR UNet trained with label
+    dropout: every ADM weight is taken, the null row keeps its initialisation."""
+    import reference_adm as ref
+    from test_unet import model_config, random_state_dict, tiny_opts
+    o = tiny_opts()
+    sd = random_state_dict(o, seed=7)
+    path = str(tmp_path / "adm.npz")
+    np.savez(path, **sd)
+    config = test_train.tiny_config()
+    for key, value in model_config(o, class_dropout_prob=0.1).items():
+        if key == "unet":
+            config.model.unet.update(value)
+        else:
+            setattr(config.model, key, value)
+    config.model.routing.kind = "dtr"
+    _, state, shardings = fresh_state(config)
+    table = jax.device_get(state.params)["label_emb"]["embedding"]
+    assert table.shape == (o["num_classes"] + 1, o["model_channels"] * 4)
+    config.train.init_from, config.train.init_ema = path, "checkpoint"
+    warm = jax.device_get(warm_start(state, config, shardings))
+    np.testing.assert_array_equal(warm.params["label_emb"]["embedding"][:-1],
+                                  sd["label_emb.weight"])
+    np.testing.assert_array_equal(warm.params["label_emb"]["embedding"][-1], table[-1])
+    np.testing.assert_array_equal(warm.ema_params["out_conv"]["kernel"],
+                                  sd["out.2.weight"].transpose(2, 3, 1, 0))
+    assert set(ref.state_dict_shapes(o)) == set(sd)

@@ -1,8 +1,9 @@
 """Warm starts (train.init_from): a new run's weights from another checkpoint, step 0.
 
 Sources: a workdir of this project (its newest checkpoint), its `checkpoints/` directory or
-one step directory `checkpoints/<step>`; or an official DiT state dict converted to `.npz` /
-`.safetensors` (models/convert.py), whose weights (the released EMA) serve as both params and
+one step directory `checkpoints/<step>`; or an official DiT or OpenAI ADM state dict converted
+to `.npz` / `.safetensors` (models/convert.py; other official families: import them into a
+workdir with `train.import_official` first), whose weights (the released EMA) serve as both params and
 EMA. `train.init_ema`: "checkpoint" takes the EMA from the source, "params" starts the EMA as a
 copy of the loaded params.
 
@@ -31,6 +32,7 @@ log = logging.getLogger("switch_dit_jax")
 
 OFFICIAL_SUFFIXES = (".npz", ".safetensors")
 _PARTS = ("params", "ema_params", "model_state", "ema_model_state")
+NULL_ROW_TABLE = "label_emb/embedding"  # the ADM UNet's class table
 
 
 def step_directory(path: str) -> str:
@@ -67,12 +69,18 @@ def read_source(path: str, model_config) -> tuple[dict, str]:
     path = os.path.expanduser(path)
     if path.endswith(OFFICIAL_SUFFIXES):
         from switch_dit_jax.models import convert, resolve_model_config
+        resolved = resolve_model_config(model_config)
+        state_dict = convert.load_state_dict(path)
+        if resolved["backbone"] == "adm":
+            # OpenAI's ADM has no null class: import it without one; a CFG model's null row
+            # then keeps its init (`merge`). DTR / R-TR add no parameters.
+            adm = dict(resolved, class_dropout_prob=0.0, routing={"kind": "none"})
+            params = jax.device_get(convert.from_adm_state_dict(state_dict, adm))
+            return {"params": params, "ema_params": params}, f"OpenAI ADM weights {path}"
         # An official DiT file holds the plain backbone: convert it for the same size without
         # routing or mixtures; the target's extra parameters (routers) keep their init.
-        backbone = dict(resolve_model_config(model_config), routing={"kind": "none"},
-                        ffn={"kind": "mlp"})
-        params = jax.device_get(convert.from_torch_state_dict(convert.load_state_dict(path),
-                                                              backbone))
+        backbone = dict(resolved, routing={"kind": "none"}, ffn={"kind": "mlp"})
+        params = jax.device_get(convert.from_torch_state_dict(state_dict, backbone))
         return {"params": params, "ema_params": params}, f"official weights {path}"
     step_dir = step_directory(path)
     return _read_project_checkpoint(step_dir), f"checkpoint {step_dir}"
@@ -89,6 +97,15 @@ def merge(init: dict, source: dict, part: str, where: str) -> tuple[dict, list[s
             kept.append(name)
             continue
         given = np.asarray(flat_source[name])
+        if name == NULL_ROW_TABLE and given.shape[1:] == tuple(value.shape[1:]) \
+                and given.shape[0] + 1 == value.shape[0]:
+            # A class table without the null row (OpenAI's ADM) fills every class row; the
+            # null row of classifier-free guidance keeps its init.
+            merged[name] = np.concatenate([given.astype(value.dtype),
+                                           np.asarray(value)[-1:]], axis=0)
+            taken.append(name)
+            kept.append(f"{name}[null row]")
+            continue
         if given.shape != tuple(value.shape):
             raise UserError(f"config.train.init_from: {part} {name} has shape {given.shape} in "
                             f"the {where} but {tuple(value.shape)} in this model; warm starts "
