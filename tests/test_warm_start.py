@@ -142,3 +142,34 @@ def test_openai_adm_weights_warm_start_a_cfg_dtr_unet(tmp_path):
     np.testing.assert_array_equal(warm.ema_params["out_conv"]["kernel"],
                                   sd["out.2.weight"].transpose(2, 3, 1, 0))
     assert set(ref.state_dict_shapes(o)) == set(sd)
+
+
+def test_openai_adm_checkpoint_becomes_a_workdir_that_samples(tmp_path):
+    """import_official --family=adm: the EMA of step 5 is the converted ADM, and
+    --mode=sample reads it like any checkpoint of this project."""
+    from test_unet import model_config, random_state_dict, tiny_opts
+    from switch_dit_jax.models import convert
+    from switch_dit_jax.train import import_official, loop
+    o = tiny_opts(in_channels=1, out_channels=2, num_classes=10, num_res_blocks=1)
+    sd = random_state_dict(o, seed=3)
+    path = str(tmp_path / "adm.npz")
+    np.savez(path, **sd)
+    config = test_train.tiny_config(**{"sample.cfg_scale": 1.0, "sample.num_steps": 4,
+                                       "sample.num_samples": 10, "sample.batch_size": 10})
+    for key, value in model_config(o).items():
+        if key == "unet":
+            config.model.unet.update(value)
+        else:
+            setattr(config.model, key, value)
+    workdir = str(tmp_path / "run")
+    assert import_official.import_to_workdir(config, workdir, "adm", path, step=5) == 5
+    restored = test_train.restore_final(workdir, config)
+    assert int(restored.step) == 5
+    want = jax.device_get(convert.from_adm_state_dict(sd, config.model))
+    np.testing.assert_array_equal(restored.ema_params["label_emb"]["embedding"],
+                                  want["label_emb"]["embedding"])
+    np.testing.assert_array_equal(restored.params["out_conv"]["kernel"],
+                                  want["out_conv"]["kernel"])
+    written = loop.sample_from_workdir(config, workdir)
+    images = np.load(written["npz"])["arr_0"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8

@@ -4,7 +4,8 @@
         --family=dtr --weights=model.npz [--ema_weights=ema.npz] [--step=400000]
 
 converts the state dicts (`.npz` / `.safetensors`, made from the official `.pt` as
-models/convert.py shows; `--family` one of convert.FAMILIES) by models/convert.py and saves
+models/convert.py shows; `--family` one of convert.FAMILIES, or `adm` for OpenAI's
+guided-diffusion UNet with a `model.backbone="adm"` config) by models/convert.py and saves
 them as the checkpoint of `--step` in DIR: `--weights` become the trained parameters,
 `--ema_weights` (default: the same file) the EMA parameters that sampling and evaluation use,
 and DiffMoE's thresholds the model state. The optimizer starts afresh (the official Adam
@@ -29,6 +30,16 @@ from switch_dit_jax.train.state import create_train_state, make_optimizer, state
 log = logging.getLogger("switch_dit_jax")
 
 
+FAMILIES = tuple(convert.FAMILIES) + ("adm",)
+
+
+def _variables(path: str, model_config, family: str) -> dict:
+    state_dict = convert.load_state_dict(path)
+    if family == "adm":
+        return {"params": convert.from_adm_state_dict(state_dict, model_config)}
+    return convert.from_official_state_dict(state_dict, model_config, family)
+
+
 def import_to_workdir(config, workdir: str, family: str, weights: str,
                       ema_weights: str | None = None, step: int = 0) -> int:
     """Save the converted official weights as the step-`step` checkpoint of `workdir`; returns
@@ -36,11 +47,11 @@ def import_to_workdir(config, workdir: str, family: str, weights: str,
     if not isinstance(step, int) or step < 0:
         raise UserError(f"--step={step!r} must be an integer >= 0 (the official run's "
                         "iteration count, from which training continues).")
-    live = convert.from_official_state_dict(convert.load_state_dict(weights), config.model,
-                                            family)
+    if family not in FAMILIES:
+        raise UserError(f"--family={family!r} is not one of {list(FAMILIES)}.")
+    live = _variables(weights, config.model, family)
     ema = live if not ema_weights or ema_weights == weights else \
-        convert.from_official_state_dict(convert.load_state_dict(ema_weights), config.model,
-                                         family)
+        _variables(ema_weights, config.model, family)
     model = build_model(config.model)
     tx = make_optimizer(config.train, config.loss)
     mesh = parallel.make_mesh(config.mesh)
@@ -88,7 +99,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file of the model.",
                                     lock_config=True)
     absl_flags.DEFINE_string("workdir", None, "New run directory for the checkpoint.")
-    absl_flags.DEFINE_enum("family", None, list(convert.FAMILIES), "Official code base.")
+    absl_flags.DEFINE_enum("family", None, list(FAMILIES), "Official code base.")
     absl_flags.DEFINE_string("weights", None, "Converted state dict (.npz / .safetensors).")
     absl_flags.DEFINE_string("ema_weights", "", "Its EMA state dict (default: --weights).")
     absl_flags.DEFINE_integer("step", 0, "Iterations the official run trained.")
