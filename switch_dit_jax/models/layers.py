@@ -184,6 +184,16 @@ class TimestepEmbedder(nn.Module):
         return dense(self.hidden_size, ("mlp", "embed"), self.dtype, normal_002, "mlp_2")(x)
 
 
+def drop_labels(module: nn.Module, labels, dropout_prob: float, null_label: int):
+    """Classifier-free guidance's label dropout: each label becomes `null_label` with
+    probability `dropout_prob`, drawn from `module`'s 'dropout' rng stream."""
+    if not module.has_rng("dropout"):
+        raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "
+                         "key: call model.apply(..., rngs={'dropout': key}).")
+    drop = jax.random.uniform(module.make_rng("dropout"), labels.shape) < dropout_prob
+    return jnp.where(drop, null_label, labels)
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors, with an extra "null" row used for classifier-free guidance.
 
@@ -204,11 +214,7 @@ class LabelEmbedder(nn.Module):
         if rows == 1:
             return jnp.broadcast_to(table[0], labels.shape + (self.hidden_size,))
         if train and self.dropout_prob > 0:
-            if not self.has_rng("dropout"):
-                raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "
-                                 "key: call model.apply(..., rngs={'dropout': key}).")
-            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
-            labels = jnp.where(drop, self.num_classes, labels)
+            labels = drop_labels(self, labels, self.dropout_prob, self.num_classes)
         return jnp.take(table, labels, axis=0)
 
 

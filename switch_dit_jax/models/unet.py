@@ -256,11 +256,7 @@ class LabelEmbedding(nn.Module):
                                                        ("vocab", "embed")),
                            (rows, self.features), jnp.float32)
         if train and self.dropout_prob > 0:
-            if not self.has_rng("dropout"):
-                raise ValueError("train=True with class_dropout_prob > 0 needs a label-dropout "
-                                 "key: call model.apply(..., rngs={'dropout': key}).")
-            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
-            labels = jnp.where(drop, self.num_classes, labels)
+            labels = layers.drop_labels(self, labels, self.dropout_prob, self.num_classes)
         return jnp.take(table, labels, axis=0)
 
 

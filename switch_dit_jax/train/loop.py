@@ -9,7 +9,6 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 from clu import parameter_overview
 
 from switch_dit_jax import parallel, sample
