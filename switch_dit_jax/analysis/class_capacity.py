@@ -165,26 +165,12 @@ def report(model, config, state, mesh, shardings, out_dir: str,
     return ranking
 
 
-def main(argv) -> None:
-    del argv
-    from absl import flags
-    from switch_dit_jax.train.loop import restore_latest
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    try:
-        model, mesh, state, shardings = restore_latest(config, workdir)
-        report(model, config, state, mesh, shardings, os.path.join(workdir, "analysis"),
-               flags.FLAGS.class_names or None)
-    except (FileNotFoundError, UserError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    from absl import app, flags as absl_flags
-    from ml_collections import config_flags
+    from switch_dit_jax.analysis.cli import run_on_workdir
 
-    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    absl_flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
-    absl_flags.DEFINE_string("class_names", "", "Text file: one class name per line.")
-    app.run(main)
+    run_on_workdir(
+        lambda config, workdir, model, mesh, state, shardings, flags: report(
+            model, config, state, mesh, shardings, os.path.join(workdir, "analysis"),
+            flags.class_names or None),
+        lambda flags: flags.DEFINE_string("class_names", "",
+                                          "Text file: one class name per line."))
