@@ -178,20 +178,29 @@ def write_val_set(*, image_dir: str, annotations: str, out_dir: str, text_encode
     encoder = encoder or captions_lib.load_encoder(text_encoder, "--text_encoder")
     texts = [caps[0] for _, _, caps in entries]
     os.makedirs(out_dir, exist_ok=True)
-    hidden, mask = [], []
-    for start in range(0, n, batch_size):
-        h, m = captions_lib.encode_texts(encoder, texts[start:start + batch_size])
-        hidden.append(h.astype(np.float16))
-        mask.append(m)
     empty_text, empty_mask = captions_lib.empty_caption(encoder)
     paths = {"captions": os.path.join(out_dir, VAL_CAPTIONS),
              "prompts": os.path.join(out_dir, VAL_PROMPTS),
              "reference": os.path.join(out_dir, f"val_reference_{image_size}.npz")}
-    tmp = paths["captions"] + ".tmp.npz"
-    np.savez(tmp, text=np.concatenate(hidden), text_mask=np.concatenate(mask),
-             captions=np.asarray(texts, dtype=str),
-             image_ids=np.asarray([e[0] for e in entries], np.int64),
-             empty_text=empty_text, empty_text_mask=empty_mask)
+    masks = []
+
+    def hidden_blocks():
+        for start in range(0, n, batch_size):
+            h, m = captions_lib.encode_texts(encoder, texts[start:start + batch_size])
+            masks.append(m)
+            yield h
+
+    # Streamed like the reference batch: 40K captions of CLIP-L are ~5 GB in float16.
+    tmp = paths["captions"] + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npy_rows(zf, "text", (n, encoder.max_length, encoder.width), np.float16,
+                        hidden_blocks())
+        small = {"text_mask": np.concatenate(masks), "captions": np.asarray(texts, dtype=str),
+                 "image_ids": np.asarray([e[0] for e in entries], np.int64),
+                 "empty_text": empty_text, "empty_text_mask": empty_mask}
+        for key, value in small.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, value, allow_pickle=False)
     os.replace(tmp, paths["captions"])
     with open(paths["prompts"], "w", encoding="utf-8") as f:
         f.writelines(t + "\n" for t in texts)
