@@ -206,3 +206,20 @@ def test_template_words_and_config_fields():
     c.data.name = "digits_txt"
     with pytest.raises(ValueError, match="digits_text"):
         config_fields.check_fields(c)
+
+
+def test_validation_of_digits_text_configs():
+    import os
+    from switch_dit_jax import validation
+    from switch_dit_jax.config_base import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "configs", "quickstart.py"),
+                    {"data.name": "digits_text", "model.num_classes": 1000})
+    with pytest.raises(ValueError, match="config.text.encoder_dir is empty but "
+                                         "data.name='digits_text'.*--config.text.encoder_dir"):
+        validation.validate_config(c, 1)
+    c.text.encoder_dir = "/somewhere/tiny_clip"
+    validation.validate_config(c, 1)  # a text model's class table size is not the digits'
+    c.data.name = "digits"
+    with pytest.raises(ValueError, match="the digits have 10 classes"):
+        validation.validate_config(c, 1)

@@ -120,8 +120,8 @@ def _check_resume(out_dir: str, manifest: dict) -> None:
     for key in _RESUME_KEYS:  # .get: image extractions have no text keys
         if old.get(key) != manifest.get(key):
             raise ValueError(f"--out_dir={out_dir!r} holds latents made with other settings "
-                             f"({key}: {old.get(key)!r} then, {manifest.get(key)!r} now); use a new "
-                             "--out_dir or repeat the original settings to resume.")
+                             f"({key}: {old.get(key)!r} then, {manifest.get(key)!r} now); use "
+                             "a new --out_dir or repeat the original settings to resume.")
 
 
 def _count_records(paths: list[str]) -> int:
