@@ -89,7 +89,9 @@ def get_base_config() -> ConfigDict:
     c.loss.capacity_weight = 1.0      # λ_cp of the DiffMoE capacity-predictor BCE
 
     c.data = ConfigDict()
-    c.data.name = "latents"        # "digits" | "latents" | "tfds" | "pixels" (uint8 ArrayRecord)
+    # "digits" | "digits_text" (digits with synthetic captions) | "latents" (COCO latents
+    # carry captions) | "tfds" | "pixels" (uint8 ArrayRecord)
+    c.data.name = "latents"
     c.data.dir = ""                # latents, pixels: shard directory; tfds: data_dir
     c.data.tfds_name = "imagenet2012"  # tfds dataset name (data.name == "tfds")
     c.data.split = "train"         # tfds split
@@ -100,6 +102,11 @@ def get_base_config() -> ConfigDict:
     c.data.latent_scale = 0.18215  # SD VAE latent scaling
     c.data.num_workers = 0         # grain worker processes (0 = in the training process)
     c.data.seed = 0                # shuffle and augmentation seed
+
+    c.text = ConfigDict()
+    # Hugging Face CLIP directory (config.json, model.safetensors, tokenizer.json): encodes the
+    # digits_text captions, prompts and the CLIP score ("" = no text conditioning).
+    c.text.encoder_dir = ""
 
     c.vae = ConfigDict()              # decodes latent samples (data.name == "latents") to images
     c.vae.weights = ""                # its diffusion_pytorch_model.safetensors ("" = keep latents)

@@ -102,11 +102,17 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     if data.name in ("latents", "tfds", "pixels"):
         _check(bool(data.dir), f"config.data.dir is empty but data.name={data.name!r} needs it; "
                                "pass --config.data.dir=/path/to/data.")
-    if data.name == "digits":
+    if data.name == "digits_text":
+        _check(bool(config.text.encoder_dir),
+               "config.text.encoder_dir is empty but data.name='digits_text' encodes its "
+               "captions with it; write a tiny CLIP with `python -m switch_dit_jax.text.tiny "
+               "--out=DIR` and pass --config.text.encoder_dir=DIR.")
+    if data.name in ("digits", "digits_text"):
         _check(model["input_size"] == 8 and model["in_channels"] == 1,
                f"the digits are 8x8x1 but config.model has input_size={model['input_size']}, "
                f"in_channels={model['in_channels']}; set model.input_size=8, "
                "model.in_channels=1.")
+    if data.name == "digits":  # digits_text conditions on captions, not on the class table
         _check(model["num_classes"] in (1, 10),
                f"the digits have 10 classes but config.model.num_classes="
                f"{model['num_classes']}; use 10 (or 1 for unconditional).")

@@ -14,6 +14,12 @@ and encodes on its own local devices, so hosts never wait for each other and eac
 its own: a finished shard (renamed from `.tmp` on close) is skipped on restart, a partial one
 is redone. `manifest.json` records the VAE (path, sha256, architecture), crop, sizes, label map
 and, once every shard exists, the record counts.
+
+`--source=coco` reads MS-COCO images with their caption JSON (`--annotations`) and adds to both
+records of an image the `--text_encoder` (CLIP) embeddings of its first five captions by
+annotation id (repeated cyclically when it has fewer; images without any are skipped and
+counted), float16, in the caption block of `captions.py`; `empty_caption.npz` beside the shards
+holds the encoding of "" (the null condition of classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from switch_dit_jax import vae as vae_lib
+from switch_dit_jax.data import captions as captions_lib
 from switch_dit_jax.data.sources import (ImageFolder, LatentShardWriter, TfdsSource,
                                          center_crop_arr, shard_name)
 
@@ -38,12 +45,13 @@ log = logging.getLogger("switch_dit_jax")
 
 PREFIX = "latents"
 MANIFEST = "manifest.json"
-SOURCES = ("folder", "tfds")
+SOURCES = ("folder", "tfds", "coco")
 ON_ERROR = ("fail", "skip")
 CROP = "ADM center_crop_arr: BOX-halve while >= 2x, BICUBIC to short side, centre crop"
 # Settings that decide what the shards contain; a resumed run must repeat them exactly.
 _RESUME_KEYS = ("source", "num_source_images", "vae_sha256", "vae_architecture", "image_size",
-                "shard_size", "num_shards", "label_map")
+                "shard_size", "num_shards", "label_map", "conditioning", "text_width",
+                "text_length", "captions_per_image", "text_encoder_sha256")
 
 
 class ImageReadError(RuntimeError):
@@ -109,11 +117,11 @@ def _check_resume(out_dir: str, manifest: dict) -> None:
         return
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    for key in _RESUME_KEYS:
-        if old.get(key) != manifest[key]:
+    for key in _RESUME_KEYS:  # .get: image extractions have no text keys
+        if old.get(key) != manifest.get(key):
             raise ValueError(f"--out_dir={out_dir!r} holds latents made with other settings "
-                             f"({key}: {old.get(key)!r} then, {manifest[key]!r} now); use a new "
-                             "--out_dir or repeat the original settings to resume.")
+                             f"({key}: {old.get(key)!r} then, {manifest.get(key)!r} now); use "
+                             "a new --out_dir or repeat the original settings to resume.")
 
 
 def _count_records(paths: list[str]) -> int:
@@ -163,8 +171,13 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
             vae_block_out_channels=vae_lib.SD_BLOCK_OUT_CHANNELS, vae_layers_per_block: int = 2,
             vae_norm_num_groups: int = 32, vae_latent_channels: int = 4,
             process_index: int | None = None, process_count: int | None = None,
-            log_every_s: float = 30.0) -> dict:
-    """Encodes this process's shards into `out_dir`; returns the manifest (see module doc)."""
+            log_every_s: float = 30.0, annotations: str | None = None,
+            text_encoder: str | None = None, captions_per_image: int = 5,
+            encoder=None) -> dict:
+    """Encodes this process's shards into `out_dir`; returns the manifest (see module doc).
+
+    `encoder` (coco) overrides loading `text_encoder`: any object with `.encode(texts)`,
+    `.width` and `.max_length`."""
     if source not in SOURCES:
         raise ValueError(f"--source={source!r} is not one of {list(SOURCES)}.")
     if on_error not in ON_ERROR:
@@ -184,6 +197,10 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
                          f"downsampling factor; use e.g. {nearest}.")
     if source == "folder":
         reader = _FolderReader(image_dir, labels, image_size)
+    elif source == "coco":
+        from switch_dit_jax.data.coco import CocoReader
+        reader = CocoReader(image_dir, annotations, image_size, captions_per_image)
+        encoder = encoder or captions_lib.load_encoder(text_encoder, "--text_encoder")
     else:
         if not tfds_name:
             raise ValueError("--tfds_name is empty; name the TFDS dataset, e.g. imagenet2012.")
@@ -213,10 +230,16 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
         "shard_prefix": PREFIX, "num_classes": reader.num_classes, "label_map": reader.label_map,
         "complete": False,
     }
+    if source == "coco":
+        manifest.update(reader.text_manifest(encoder, text_encoder))
     os.makedirs(out_dir, exist_ok=True)
     _check_resume(out_dir, manifest)
     if pi == 0 and not os.path.exists(os.path.join(out_dir, MANIFEST)):
         _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    caption_fn = None
+    if source == "coco":
+        captions_lib.write_empty_caption(out_dir, encoder)
+        caption_fn = functools.partial(reader.encode_captions, encoder)
 
     devices = jax.local_devices()
     # Image and flip share a batch; padding to the device count keeps one compiled shape.
@@ -240,7 +263,7 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
             with LatentShardWriter(out_dir, shard, num_shards, PREFIX,
                                    reader.num_classes) as writer:
                 _encode_shard(writer, reader, indices, encode, shape, batch_size, pool,
-                              on_error, progress)
+                              on_error, progress, caption_fn)
             log.info("%s wrote %s (%d records)", tag, os.path.basename(writer.path),
                      writer.num_records)
     finally:
@@ -272,19 +295,21 @@ class _Progress:
 
 
 def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_error,
-                  progress) -> None:
-    """Encodes `indices` (and their flips) into `writer`, image i then its flip."""
+                  progress, caption_fn=None) -> None:
+    """Encodes `indices` (and their flips) into `writer`, image i then its flip; `caption_fn`
+    maps the kept indices to their caption embeddings, which both records carry."""
     def flush(pending):
         if pending is not None:
-            (mean, std), labels = jax.device_get(pending[0]), pending[1]
+            (mean, std), labels, text = jax.device_get(pending[0]), pending[1], pending[2]
             b = len(labels)
             for j in range(b):
-                writer.write(mean[j], std[j], labels[j])
-                writer.write(mean[b + j], std[b + j], labels[j])
+                caps = (text[0][j], text[1][j]) if text is not None else (None, None)
+                writer.write(mean[j], std[j], labels[j], *caps)
+                writer.write(mean[b + j], std[b + j], labels[j], *caps)
 
     pending = None
     for chunk, futures in _loaded_batches(reader, indices, batch_size, pool):
-        images, labels = [], []
+        images, labels, kept = [], [], []
         for index, future in zip(chunk, futures):
             try:
                 image, label = future.result()
@@ -299,6 +324,7 @@ def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_e
                 continue
             images.append(image)
             labels.append(label)
+            kept.append(index)
         if images:
             b = len(images)
             x = np.zeros(shape, np.float32)
@@ -306,7 +332,8 @@ def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_e
             x[b:2 * b] = x[:b, :, ::-1]
             # Dispatch is asynchronous: the device encodes this batch while the host writes the
             # previous one and waits for the next reads.
-            current = (encode(x), labels)
+            text = caption_fn(kept) if caption_fn is not None else None
+            current = (encode(x), labels, text)
             flush(pending)
             pending = current
         progress.add(len(chunk))
@@ -344,6 +371,9 @@ def _define_flags():
     f.DEFINE_string("tfds_name", "imagenet2012", "--source=tfds: the TFDS dataset name.")
     f.DEFINE_string("data_dir", None, "--source=tfds: the TFDS data_dir with the prepared dataset.")
     f.DEFINE_string("split", "train", "--source=tfds: the split.")
+    f.DEFINE_string("annotations", None, "--source=coco: captions_train2014.json (or 2017).")
+    f.DEFINE_string("text_encoder", None, "--source=coco: the Hugging Face CLIP directory.")
+    f.DEFINE_integer("captions_per_image", 5, "--source=coco: captions stored per image.")
     f.DEFINE_string("vae", None, "The VAE's diffusion_pytorch_model.safetensors (diffusers).")
     f.DEFINE_list("vae_block_out_channels", list(map(str, vae_lib.SD_BLOCK_OUT_CHANNELS)),
                   "VAE widths (SD: 128,256,512,512).")
@@ -383,7 +413,8 @@ def _main(argv) -> None:
         jax.distributed.initialize()
     names = ("vae", "out_dir", "source", "image_dir", "labels", "tfds_name", "data_dir", "split",
              "image_size", "batch_size", "shard_size", "num_workers", "on_error", "latent_scale",
-             "limit", "vae_layers_per_block", "vae_norm_num_groups", "vae_latent_channels")
+             "limit", "vae_layers_per_block", "vae_norm_num_groups", "vae_latent_channels",
+             "annotations", "text_encoder", "captions_per_image")
     try:
         extract(**{k: getattr(flags_, k) for k in names},
                 vae_block_out_channels=tuple(int(w) for w in flags_.vae_block_out_channels))

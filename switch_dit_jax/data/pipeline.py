@@ -5,7 +5,9 @@ with the seed, repeated forever, augmented per record, batched to `global // pro
 Augmentation randomness (flips, VAE posterior noise) comes from grain's per-record rng, which is
 a pure function of (seed, position in the stream); so `iterator.get_state()` / `set_state()`
 reproduce the exact same batches after a restart, and a record revisited in a later epoch gets
-fresh noise and a fresh flip.
+fresh noise and a fresh flip. Captioned records (COCO latents, digits_text) carry K captions;
+the same rng draws one of them, so the caption a step sees is just as reproducible, and such
+batches hold {"image", "text", "text_mask"} instead of a label.
 """
 from __future__ import annotations
 
@@ -40,8 +42,13 @@ class AugmentTransform(grain.RandomMapTransform):
         flip = rng.random() < 0.5
         if self.hflip and flip:
             image = image[:, ::-1, :]
-        return {"image": np.ascontiguousarray(image, dtype=np.float32),
-                "label": np.asarray(element["label"], dtype=np.int32)}
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if "captions" not in element:
+            return {"image": image, "label": np.asarray(element["label"], dtype=np.int32)}
+        # Drawn after the flip coin, so class and text data share the noise and flip streams.
+        k = int(rng.integers(len(element["captions"])))
+        return {"image": image, "text": np.asarray(element["captions"][k], np.float32),
+                "text_mask": np.asarray(element["caption_mask"][k], bool)}
 
 
 def _check_seed(seed) -> int:
@@ -53,11 +60,14 @@ def _check_seed(seed) -> int:
 
 def make_train_loader(data_config, global_batch_size: int, process_index: int = 0,
                       process_count: int = 1, seed: int | None = None,
-                      num_epochs: int | None = None, source=None) -> grain.DataLoader:
-    """Returns a grain DataLoader yielding {"image": f32 [b,H,W,C], "label": i32 [b]} per process.
+                      num_epochs: int | None = None, source=None,
+                      text_encoder_dir: str | None = None) -> grain.DataLoader:
+    """Returns a grain DataLoader yielding {"image": f32 [b,H,W,C], "label": i32 [b]} per process
+    ({"image", "text": f32 [b,L,D], "text_mask": bool [b,L]} for captioned data).
 
     `b = global_batch_size // process_count`.  `seed` defaults to `data.seed`; `num_epochs=None`
-    repeats forever.  `source` overrides `make_source(data_config)` (e.g. to reuse one).
+    repeats forever.  `source` overrides `make_source(data_config)` (e.g. to reuse one);
+    `text_encoder_dir` (config.text.encoder_dir) is the encoder of data.name="digits_text".
     The loader exposes the source as `loader.source` (for `image_shape` / `num_classes`).
     """
     if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size <= 0:
@@ -81,7 +91,8 @@ def make_train_loader(data_config, global_batch_size: int, process_index: int = 
         # nothing parses them, so fall back to the defaults instead of crashing in a worker.
         flags.FLAGS.mark_as_parsed()
 
-    source = make_source(data_config) if source is None else source
+    if source is None:
+        source = make_source(data_config, text_encoder_dir)
     local_batch = global_batch_size // process_count
     shard_size = len(source) // process_count  # drop_remainder=True: equal shards
     if local_batch > shard_size:

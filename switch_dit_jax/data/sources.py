@@ -12,6 +12,8 @@ One ArrayRecord record per image, all integers/floats little-endian:
     bytes 4..23   int32[5]: h, w, c, label, num_classes (0 = unknown)
     then          float32[h, w, c] VAE posterior mean (unscaled, C-order)
     then          float32[h, w, c] VAE posterior std  (unscaled, C-order)
+    then          (captioned records only) the caption block of `captions.py`: b"TXT1",
+                  int32[3] K, L, D, float16[K, L, D] text embeddings, uint8[K, L] token mask
 
 Shards are named `{prefix}-{i:05d}-of-{n:05d}.array_record`; `LatentSource` reads every
 `*.array_record` in a directory in sorted order.  The 0.18215 latent scale is applied by the
@@ -28,11 +30,13 @@ from PIL import Image
 
 import grain.python as grain
 
+from switch_dit_jax.data.captions import (DigitsTextSource, decode_caption_block,
+                                          encode_caption_block)
 from switch_dit_jax.errors import BadFileError
 
 LATENT_MAGIC = b"SDL1"
 _HEADER = struct.Struct("<4s5i")
-DATA_NAMES = ("digits", "latents", "tfds", "pixels")
+DATA_NAMES = ("digits", "digits_text", "latents", "tfds", "pixels")
 
 
 def _field(cfg, name, default=None):
@@ -70,14 +74,18 @@ class DigitsSource:
 # ----------------------------------------------------------------------------- latents
 
 
-def encode_latent_record(mean, std, label: int, num_classes: int = 0) -> bytes:
+def encode_latent_record(mean, std, label: int, num_classes: int = 0, captions=None,
+                         caption_mask=None) -> bytes:
     mean = np.asarray(mean, dtype="<f4")
     std = np.asarray(std, dtype="<f4")
     if mean.ndim != 3 or mean.shape != std.shape:
         raise ValueError(f"latent mean/std must both be [h, w, c]; got {mean.shape} and {std.shape}.")
     h, w, c = mean.shape
     header = _HEADER.pack(LATENT_MAGIC, h, w, c, int(label), int(num_classes or 0))
-    return header + np.ascontiguousarray(mean).tobytes() + np.ascontiguousarray(std).tobytes()
+    body = np.ascontiguousarray(mean).tobytes() + np.ascontiguousarray(std).tobytes()
+    if captions is None:
+        return header + body
+    return header + body + encode_caption_block(captions, caption_mask)
 
 
 def decode_latent_record(record: bytes) -> dict:
@@ -89,16 +97,20 @@ def decode_latent_record(record: bytes) -> dict:
         raise ValueError(f"record starts with {magic!r}, not {LATENT_MAGIC!r}: not a latent shard "
                          "written by switch_dit_jax.data.sources.LatentShardWriter.")
     n = h * w * c
-    if min(h, w, c) < 1 or len(record) != _HEADER.size + 8 * n:
+    end = _HEADER.size + 8 * n
+    if min(h, w, c) < 1 or len(record) < end:
         raise ValueError(f"record has {len(record)} bytes but its header announces float32 "
                          f"mean and std of shape ({h}, {w}, {c}): the record is damaged.")
     flat = np.frombuffer(record, dtype="<f4", count=2 * n, offset=_HEADER.size)
-    return {
+    rec = {
         "mean": flat[:n].reshape(h, w, c).astype(np.float32),
         "std": flat[n:].reshape(h, w, c).astype(np.float32),
         "label": np.int32(label),
         "num_classes": num_classes,
     }
+    if len(record) > end:
+        rec.update(decode_caption_block(record, end))
+    return rec
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:
@@ -124,11 +136,12 @@ class LatentShardWriter:
         self._writer = ArrayRecordWriter(self._tmp_path, "group_size:1")
         self.num_records = 0
 
-    def write(self, mean, std, label) -> None:
+    def write(self, mean, std, label, captions=None, caption_mask=None) -> None:
         label = int(label)
         if self._num_classes and not 0 <= label < self._num_classes:
             raise ValueError(f"label={label} is outside [0, num_classes={self._num_classes}).")
-        self._writer.write(encode_latent_record(mean, std, label, self._num_classes or 0))
+        self._writer.write(encode_latent_record(mean, std, label, self._num_classes or 0,
+                                                captions, caption_mask))
         self.num_records += 1
 
     def close(self) -> str:
@@ -190,7 +203,8 @@ def _first_line(e: Exception) -> str:
 
 
 class LatentSource:
-    """Pre-extracted VAE latents from `*.array_record` shards; yields unscaled mean/std/label.
+    """Pre-extracted VAE latents from `*.array_record` shards; yields unscaled mean/std/label
+    (and `captions` / `caption_mask` for captioned records, `text_shape` (K, L, D)).
 
     Each record is checked as it is decoded (on the host, in grain's reader threads, at a cost
     of microseconds next to a train step): a damaged or foreign record, NaN or inf latents, a
@@ -216,10 +230,12 @@ class LatentSource:
         self._source = grain.ArrayRecordDataSource(self._paths)
         if len(self._source) == 0:
             raise ValueError(f"data.dir={data_dir!r} holds only empty shards; re-run latent extraction.")
-        self.image_shape, self.num_classes = None, None
+        self.image_shape, self.num_classes, self.text_shape = None, None, None
         first = self._record(0)
         self.image_shape = tuple(first["mean"].shape)
         self.num_classes = first["num_classes"] or None
+        # (K, L, D) of captioned records (COCO), None for class-labelled ones.
+        self.text_shape = first["captions"].shape if "captions" in first else None
 
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
@@ -251,6 +267,10 @@ class LatentSource:
             return (f"declares num_classes={k} but the first record "
                     f"num_classes={self.num_classes or 0}; "
                     "every shard of data.dir must come from one extraction.")
+        text_shape = rec["captions"].shape if "captions" in rec else None
+        if self.image_shape is not None and text_shape != self.text_shape:
+            return (f"holds captions of shape {text_shape} but the first record's are "
+                    f"{self.text_shape}; every shard of data.dir must come from one extraction.")
         if label < 0 or (k and label >= k):
             return (f"has label {label}, outside [0, num_classes={k or '?'}) that the shard "
                     "declares; re-extract it with a label map that covers every class.")
@@ -259,6 +279,9 @@ class LatentSource:
             if bad.any():
                 return (f"holds {int(bad.sum())} NaN or inf value(s) in its latent {name}; "
                         "the VAE encoding failed there, so re-extract the shard.")
+        if text_shape is not None and not np.isfinite(rec["captions"]).all():
+            return ("holds NaN or inf caption embeddings; the text encoding failed there (or "
+                    "overflowed float16), so re-extract the shard.")
         if (rec["std"] < 0).any():
             return "holds a negative latent std; re-extract the shard."
         return None
@@ -268,7 +291,8 @@ class LatentSource:
 
     def __getitem__(self, index: int) -> dict:
         rec = self._record(index)
-        return {"mean": rec["mean"], "std": rec["std"], "label": rec["label"]}
+        rec.pop("num_classes")
+        return rec
 
     def __repr__(self) -> str:
         # Names and count, not the absolute dir, so a checkpoint survives moving the shards.
@@ -428,11 +452,14 @@ class ImageFolder:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def make_source(data_config):
-    """Builds the source named by `data_config.name`."""
+def make_source(data_config, text_encoder_dir: str | None = None):
+    """Builds the source named by `data_config.name`; digits_text encodes its captions with the
+    encoder at `text_encoder_dir` (config.text.encoder_dir)."""
     name = _field(data_config, "name")
     if name == "digits":
         return DigitsSource()  # always 8x8: data.image_size only drives the tfds centre crop
+    if name == "digits_text":
+        return DigitsTextSource(text_encoder_dir)
     if name == "latents":
         return LatentSource(_field(data_config, "dir"))
     if name == "pixels":

@@ -1,6 +1,7 @@
 """Evaluation: the FID Inception network (`inception`), FID / sFID / IS / precision / recall
-(`metrics`), digits quality (`digits`), and `evaluate_samples`, the one call that training
-and `--mode=eval` make. CLI: `python -m switch_dit_jax.eval samples.npz ref.npz --out m.json`.
+(`metrics`), digits quality (`digits`), text-to-image FID and CLIP score (`t2i`), and
+`evaluate_samples`, the one call that training and `--mode=eval` make. CLI: `python -m
+switch_dit_jax.eval samples.npz ref.npz --out m.json`.
 """
 from __future__ import annotations
 

@@ -192,7 +192,8 @@ def _train(config, workdir: str, guard, lock) -> None:
         data_seed = None if resume_step is None else checkpointer.resume_data_seed(resume_step)
         loader = pipeline.make_train_loader(config.data, config.train.global_batch_size,
                                             jax.process_index(), jax.process_count(),
-                                            seed=data_seed)
+                                            seed=data_seed,
+                                            text_encoder_dir=config.text.encoder_dir)
         _check_data_matches_model(loader.source, model)
         data_iter = iter(loader)
         init_key, step_key = _keys(config.seed)
