@@ -176,3 +176,19 @@ def test_bad_directories_are_refused_by_name(tmp_path):
         os.remove(os.path.join(d, name))
         _refused(d, f"CLIP file '{os.path.join(d, name)}' does not exist; .*huggingface-cli "
                     "download openai/clip-vit-large-patch14")
+
+
+def test_tiny_cli_covers_the_digit_captions(tmp_path):
+    from switch_dit_jax.text.tiny import main
+    main([f"--out={tmp_path}"])
+    encoder = load_text_encoder(str(tmp_path))
+    captions = ([f"a handwritten digit {w}" for w in ("zero", "one", "five", "nine")]
+                + [f"the number {d}" for d in range(10)] + ["An image of a 7.", "a picture, 3"])
+    ids, mask = encoder.tokenize(captions)
+    eos = encoder.config.eos_token_id
+    assert encoder.config.vocab_size == len(DIGIT_WORDS) + 2
+    for row, real in zip(ids, mask):
+        body = row[real][1:-1]  # an unknown word would be the unk token, OpenAI's EOS
+        assert row[real][0] == eos - 1 and row[real][-1] == eos and eos not in body
+    hidden, _ = encoder.encode(captions[4:6])
+    assert np.abs(hidden[0, 3] - hidden[1, 3]).max() > 0.1  # "0" and "1" encode apart

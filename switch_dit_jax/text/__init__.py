@@ -10,7 +10,15 @@ needs the `tokenizers` package, imported only when a tokenizer is loaded or writ
 """
 from switch_dit_jax.text.clip_score import Clip, clip_score, clip_scores, load_clip
 from switch_dit_jax.text.encoder import TextEncoder, load_text_encoder
-from switch_dit_jax.text.tiny import DIGIT_WORDS, write_tiny_clip
 
 __all__ = ["DIGIT_WORDS", "Clip", "TextEncoder", "clip_score", "clip_scores", "load_clip",
            "load_text_encoder", "write_tiny_clip"]
+
+
+def __getattr__(name):
+    # tiny.py is also run as `python -m switch_dit_jax.text.tiny`; importing it here eagerly
+    # would make runpy warn that the module was imported before it ran
+    if name in ("DIGIT_WORDS", "write_tiny_clip"):
+        from switch_dit_jax.text import tiny
+        return getattr(tiny, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import numpy as np
 
 from switch_dit_jax.text.clip import ClipModel, TextTransformer
 from switch_dit_jax.text.config import ClipConfig, TextConfig, Tower, VisionConfig
+from switch_dit_jax.text.tokenizer import tokenizers_module
 from switch_dit_jax.text.weights import abstract_params, text_table, torch_shapes, vision_table
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -46,8 +47,10 @@ def vocabulary(words) -> dict[str, int]:
 
 
 def _write_tokenizer(out_dir: str, vocab: dict[str, int], max_length: int) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=EOS))  # OpenAI's unk is its EOS
+    tk = tokenizers_module()
+    models, normalizers = tk.models, tk.normalizers
+    pre_tokenizers, processors = tk.pre_tokenizers, tk.processors
+    tokenizer = tk.Tokenizer(models.WordLevel(vocab, unk_token=EOS))  # OpenAI's unk is its EOS
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -118,15 +121,16 @@ def write_tiny_clip(out_dir: str, words, seed: int = 0, width: int = 32, layers:
     if vision:
         tensors["logit_scale"] = np.asarray(2.6592, np.float32)
     os.makedirs(out_dir, exist_ok=True)
+    _write_tokenizer(out_dir, vocab, max_length)  # first: it fails where tokenizers is absent
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(fields, f, indent=2)
-    _write_tokenizer(out_dir, vocab, max_length)
     return out_dir
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="Writes a tiny random CLIP in the Hugging "
+                                     "Face layout (for tests and the CPU T2I quickstart).")
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--words", default=None,
                         help="comma-separated words or phrases (default: DIGIT_WORDS, those of "

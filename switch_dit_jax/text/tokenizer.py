@@ -39,12 +39,22 @@ def special_tokens(model_dir: str) -> dict[str, str]:
     return {"eos": eos, "pad": found.get("pad", eos)}
 
 
+def tokenizers_module():
+    """The `tokenizers` package, imported only when needed (the GPU image may lack it)."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("CLIP tokenising needs the Hugging Face `tokenizers` package, which "
+                        "is not installed; run `pip install tokenizers`.") from None
+    return tokenizers
+
+
 class ClipTokenizer:
     """`tokenize(texts) -> (ids int32 [B, L], mask bool [B, L])`, mask True on BOS..EOS."""
 
     def __init__(self, model_dir: str, max_length: int):
-        from tokenizers import Tokenizer  # lazily: the package imports without tokenizers
         path = model_file(model_dir, "tokenizer.json")
+        Tokenizer = tokenizers_module().Tokenizer
         try:
             self._tokenizer = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
