@@ -100,7 +100,7 @@ def _tower(fields: dict, path: str, width: int, layers: int, heads: int) -> Towe
                  _int(fields, "intermediate_size", 4 * width, path), act, float(eps))
 
 
-def _section(config: dict, name: str, path: str) -> dict:
+def _section(config: dict, name: str) -> dict:
     fields = dict(config.get(name) or {})
     fields.update(config.get(name + "_dict") or {})  # transformers lets *_dict win
     return fields
@@ -111,7 +111,7 @@ def read_config(model_dir: str) -> ClipConfig:
     path = model_file(model_dir, "config.json")
     config = read_json(path)
     full = "text_config" in config or "text_config_dict" in config
-    text_fields = _section(config, "text_config", path) if full else config
+    text_fields = _section(config, "text_config") if full else config
     text = TextConfig(
         _tower(text_fields, path, width=768, layers=12, heads=12),
         _int(text_fields, "vocab_size", 49408, path),
@@ -119,7 +119,7 @@ def read_config(model_dir: str) -> ClipConfig:
         int(text_fields.get("eos_token_id", 49407)))
     vision = None
     if full:
-        vision_fields = _section(config, "vision_config", path)
+        vision_fields = _section(config, "vision_config")
         vision = VisionConfig(
             _tower(vision_fields, path, width=1024, layers=24, heads=16),
             _int(vision_fields, "image_size", 224, path),

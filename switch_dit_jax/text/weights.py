@@ -182,7 +182,7 @@ def load_clip_params(model_dir: str, config: ClipConfig):
     c = config
     s = c.vision.image_size
     expected = abstract_params(ClipModel(c), jnp.zeros((1, c.text.max_length), jnp.int32),
-                         jnp.zeros((1, s, s, c.vision.channels)))
+                               jnp.zeros((1, s, s, c.vision.channels)))
     table = text_table(c, ("text_model",)) | vision_table(c)
     what = (f"{_describe(c.text.tower, 'text')} and {_describe(c.vision.tower, 'vision')} "
             f"with projections to {c.projection_dim}")
