@@ -11,6 +11,10 @@ import jax.numpy as jnp
 
 from switch_dit_jax.text.config import ClipConfig, TextConfig, Tower, VisionConfig
 
+# true float32, as PyTorch computes CLIP (GPUs would otherwise use TF32): the text states are
+# stored as training data and the CLIP score is a metric, both worth the slower matmuls
+HI = jax.lax.Precision.HIGHEST
+
 
 def _act(name: str, x):
     if name == "quick_gelu":
@@ -27,17 +31,20 @@ class EncoderLayer(nn.Module):
         b, n, _ = x.shape
         head = t.width // t.heads
         h = nn.LayerNorm(epsilon=t.eps, name="layer_norm1")(x)
-        split = lambda name: nn.Dense(t.width, name=name)(h).reshape(b, n, t.heads, head)
+
+        def split(name):
+            return nn.Dense(t.width, precision=HI, name=name)(h).reshape(b, n, t.heads, head)
         q = split("q_proj") * head ** -0.5
         k, v = split("k_proj"), split("v_proj")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HI)
         if causal:  # each token sees itself and the tokens before it, never padding-masked
             mask = jnp.tril(jnp.ones((n, n), bool))
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        x = x + nn.Dense(t.width, name="out_proj")(o.reshape(b, n, t.width))
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v, precision=HI)
+        x = x + nn.Dense(t.width, precision=HI, name="out_proj")(o.reshape(b, n, t.width))
         h = nn.LayerNorm(epsilon=t.eps, name="layer_norm2")(x)
-        h = nn.Dense(t.width, name="fc2")(_act(t.act, nn.Dense(t.mlp_width, name="fc1")(h)))
+        h = _act(t.act, nn.Dense(t.mlp_width, precision=HI, name="fc1")(h))
+        h = nn.Dense(t.width, precision=HI, name="fc2")(h)
         return x + h
 
 
@@ -84,7 +91,7 @@ class VisionTransformer(nn.Module):
         c = self.config
         width, p = c.tower.width, c.patch_size
         x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                    name="patch_embedding")(pixels)
+                    precision=HI, name="patch_embedding")(pixels)
         b = x.shape[0]
         x = x.reshape(b, -1, width)
         cls = self.param("class_embedding", nn.initializers.normal(1.0), (width,))
@@ -104,8 +111,8 @@ class ClipModel(nn.Module):
         c = self.config
         self.text_model = TextTransformer(c.text)
         self.vision_model = VisionTransformer(c.vision)
-        self.text_projection = nn.Dense(c.projection_dim, use_bias=False)
-        self.visual_projection = nn.Dense(c.projection_dim, use_bias=False)
+        self.text_projection = nn.Dense(c.projection_dim, use_bias=False, precision=HI)
+        self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, precision=HI)
 
     def text_embeds(self, input_ids):
         hidden = self.text_model(input_ids)
