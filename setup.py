@@ -23,6 +23,7 @@ setup(
         "pillow",
         "matplotlib>=3.7",  # analysis pictures and run curves (Agg canvas, no display)
         "safetensors",
+        "tokenizers",  # CLIP captions (switch_dit_jax.text imports it only when tokenising)
         "numpy",
         # TensorBoard event files without TensorFlow, and the viewer for them.
         "tensorboardX",
