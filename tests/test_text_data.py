@@ -223,3 +223,22 @@ def test_validation_of_digits_text_configs():
     c.data.name = "digits"
     with pytest.raises(ValueError, match="the digits have 10 classes"):
         validation.validate_config(c, 1)
+
+
+def test_digits_text_with_the_tiny_clip_has_no_unknown_word_and_distinct_captions(tmp_path):
+    from switch_dit_jax.text import DIGIT_WORDS, load_text_encoder, write_tiny_clip
+
+    assert set(captions_lib.DIGIT_TEXT_WORDS) <= set(DIGIT_WORDS)
+    encoder = load_text_encoder(write_tiny_clip(str(tmp_path / "clip"), DIGIT_WORDS, seed=1))
+    texts = [c for label in range(10) for c in captions_lib.digit_captions(label)]
+    ids, mask = encoder.tokenize(texts)
+    for text, row, m in zip(texts, ids, mask):
+        # BOS, one id per word, EOS: the unknown token is EOS, so a missing word would show as
+        # an EOS before the last real position.
+        words = text.split()
+        assert m.sum() == len(words) + 2, text
+        assert row[int(m.sum()) - 1] not in row[1:int(m.sum()) - 1], text
+    hidden, _ = encoder.encode(texts)
+    flat = np.asarray(hidden).reshape(len(texts), -1)
+    distances = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+    assert (distances + np.eye(len(texts)) > 1e-3).all()  # 50 different conditions
