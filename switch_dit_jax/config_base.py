@@ -23,6 +23,10 @@ def get_base_config() -> ConfigDict:
     c.model.in_channels = 4           # model input channels (4 = SD latents)
     c.model.num_classes = 1000        # 1 = unconditional (one learned label row, as official)
     c.model.class_dropout_prob = 0.1  # label dropout for classifier-free guidance
+    c.model.conditioning = "class"    # "class" | "text" (T2I: cross-attention to CLIP tokens)
+    c.model.text_width = 768          # text token width (CLIP ViT-L/14's text tower: 768)
+    c.model.text_length = 77          # text tokens per caption (CLIP: 77)
+    c.model.caption_dropout_prob = 0.1  # caption dropout for CFG (text models: the empty caption)
     c.model.learn_sigma = True        # predict the variance too (IDDPM hybrid loss mse + vb)
     c.model.mlp_ratio = 4.0           # FFN width / model width
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
@@ -172,6 +176,10 @@ def get_base_config() -> ConfigDict:
     # its experts then rank each half's tokens on their own); "joint": one doubled batch.
     c.sample.cfg_pool = "separate"
     c.sample.labels = ""           # comma-separated class labels ("" = cycle through classes)
+    # Text models: a text file of prompts, one per line, encoded with text.encoder_dir ...
+    c.sample.prompts = ""
+    # ... or a val_captions.npz of precomputed caption states (python -m switch_dit_jax.data.coco)
+    c.sample.captions_file = ""
     c.sample.clip_denoised = False  # clip predicted x0 to [-1, 1] (True for pixel data)
     c.sample.seed = 0              # sampling seed
 

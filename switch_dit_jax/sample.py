@@ -2,7 +2,8 @@
 
 `python -m switch_dit_jax.main --mode=sample --config=... --workdir=DIR` samples with the EMA
 weights of the latest checkpoint in DIR and writes `DIR/samples/samples_<step>.png` and
-`DIR/samples/samples_<step>.npz` (`arr_0`: uint8 NHWC images, `arr_1`: int labels).
+`DIR/samples/samples_<step>.npz` (`arr_0`: uint8 NHWC images, `arr_1`: int labels; a text
+model writes `prompts`, its str prompts, instead, and captions the PNG grid with them).
 Latent models (data.name="latents") have their samples decoded to pixels by the VAE of
 `config.vae`; without `config.vae.weights` only `DIR/samples/latents_<step>.npz` is written.
 """
@@ -43,6 +44,73 @@ def class_labels(config, num_classes: int, n: int) -> np.ndarray:
     return np.resize(np.asarray(labels, np.int32), n)
 
 
+def is_text_model(model: nn.Module) -> bool:
+    return getattr(model, "conditioning", "class") == "text"
+
+
+def _read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample.prompts={path!r} is not a file; give a text file with "
+                                "one prompt per line.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"sample.prompts={path!r} holds no prompt; write one per line.")
+    return prompts
+
+
+def text_conditions(config, model: nn.Module, encoder=None):
+    """(text [P, L, D], text_mask [P, L], prompts [P], null condition) of a text model's
+    samples: the caption states of sample.captions_file, or sample.prompts encoded by
+    `encoder` (default: the CLIP of text.encoder_dir). The null condition is the empty
+    caption of the same encoder."""
+    s = config.sample
+    if s.get("captions_file"):
+        from switch_dit_jax import files
+        keys = ("text", "text_mask", "captions", "empty_text", "empty_text_mask")
+        a = files.load_npz(s.captions_file, "captions file", keys=keys)
+        missing = [k for k in keys if k not in a]
+        if missing:
+            raise ValueError(f"sample.captions_file={s.captions_file!r} lacks {missing}; write "
+                             "it with `python -m switch_dit_jax.data.coco`.")
+        text, mask, prompts = a["text"], a["text_mask"], [str(c) for c in a["captions"]]
+        null = {"text": a["empty_text"], "text_mask": a["empty_text_mask"]}
+    elif s.get("prompts"):
+        prompts = _read_prompts(s.prompts)
+        if encoder is None:
+            from switch_dit_jax.text import load_text_encoder  # lazy: text models only
+            if not config.text.encoder_dir:
+                raise ValueError("sample.prompts needs the text encoder: set "
+                                 "--config.text.encoder_dir to the CLIP directory.")
+            encoder = load_text_encoder(config.text.encoder_dir)
+        text, mask = encoder.encode(prompts)
+        empty, empty_mask = encoder.encode([""])
+        null = {"text": empty[0], "text_mask": empty_mask[0]}
+    else:
+        raise ValueError("a text model samples from prompts: set --config.sample.prompts to a "
+                         "text file (one prompt per line) or --config.sample.captions_file to a "
+                         "val_captions.npz.")
+    want = (model.text_length, model.text_width)
+    if tuple(np.shape(text)[1:]) != want:
+        raise ValueError(f"the prompts encode to {tuple(np.shape(text)[1:])} text states but "
+                         f"the model takes {want} (model.text_length, model.text_width); use "
+                         "the text encoder the model was trained with.")
+    null = {"text": np.asarray(null["text"], np.float32),
+            "text_mask": np.asarray(null["text_mask"], bool)}
+    return np.asarray(text, np.float32), np.asarray(mask, bool), np.asarray(prompts), null
+
+
+def sample_conditions(config, model: nn.Module, n: int, encoder=None):
+    """(conditions of n samples, the null condition, what the .npz stores beside the images):
+    class labels, or a text model's prompts cycled to n."""
+    if not is_text_model(model):
+        labels = class_labels(config, model.num_classes, n)
+        return labels, model.num_classes, labels
+    text, mask, prompts, null = text_conditions(config, model, encoder)
+    rows = np.resize(np.arange(len(prompts)), n)
+    return {"text": text[rows], "text_mask": mask[rows]}, null, prompts[rows]
+
+
 def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
     """apply_fn(x, t, y) of the sampler. With `on_capacity`, every model evaluation also sends
     (t, capacities [L, E], per-sample capacities [L, B] of its mixture layers) to the host
@@ -65,13 +133,21 @@ def model_apply_fn(model: nn.Module, params, model_state, on_capacity=None):
     return apply_fn
 
 
-def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=None):
+def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=None,
+                   null_condition=None):
     """(params, model_state, labels, key) -> samples [B, H, W, C] in model space.
 
+    `labels` are the conditions: class labels, or a text model's {"text", "text_mask"}, whose
+    CFG needs `null_condition` (the empty caption, see sample_conditions).
     `apply_builder(params, model_state)` -> apply_fn(x, t, y) replaces the plain model call
     (multi_expert.py: one of several models, chosen by t)."""
     s = config.sample
-    guided = model.num_classes > 1 and s.cfg_scale != 1.0
+    text = is_text_model(model)
+    guided = (text or model.num_classes > 1) and s.cfg_scale != 1.0
+    if guided and text and null_condition is None:
+        raise ValueError("classifier-free guidance of a text model needs the empty caption: "
+                         "pass null_condition (sample.sample_conditions returns it).")
+    null = null_condition if text else model.num_classes
     if apply_builder is None:
         apply_builder = functools.partial(model_apply_fn, model, on_capacity=on_capacity)
     if config.diffusion.objective == "flow":
@@ -82,11 +158,12 @@ def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=Non
         apply_fn = apply_builder(params, model_state)
 
         if guided:
-            model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
+            model_fn = guided_fn(apply_fn, labels, null, s.cfg_scale,
                                  guided_channels=s.cfg_channels or None, pool=s.cfg_pool)
         else:
             model_fn = lambda x, t: apply_fn(x, t, labels)  # noqa: E731
-        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+        shape = (jax.tree.leaves(labels)[0].shape[0], model.input_size, model.input_size,
+                 model.in_channels)
         if s.sampler == "ddim":
             return diffusion.ddim_sample_loop(model_fn, shape, key, eta=s.eta,
                                               clip_denoised=s.clip_denoised)
@@ -104,12 +181,13 @@ def _flow_sample_fn(model: nn.Module, config, guided: bool, apply_builder):
         apply_fn = apply_builder(params, model_state)
 
         if guided:
-            model_fn = guided_fn(apply_fn, labels, model.num_classes, s.cfg_scale,
+            model_fn = guided_fn(apply_fn, labels, null, s.cfg_scale,
                                  guided_channels=s.cfg_channels or None, pool=s.cfg_pool,
                                  out_channels=model.in_channels)
         else:
             model_fn = lambda x, t: apply_fn(x, t, labels)  # noqa: E731
-        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+        shape = (jax.tree.leaves(labels)[0].shape[0], model.input_size, model.input_size,
+                 model.in_channels)
         return flow.sample(model_fn, shape, key, method=s.sampler, num_steps=s.num_steps,
                            atol=s.atol, rtol=s.rtol)
 
@@ -118,26 +196,28 @@ def _flow_sample_fn(model: nn.Module, config, guided: bool, apply_builder):
 
 def generate(model: nn.Module, config, params, model_state, mesh, param_shardings,
              num_samples: int | None = None, seed: int | None = None, on_capacity=None,
-             apply_builder=None):
+             apply_builder=None, text_encoder=None):
     """Sample `num_samples` images in batches of config.sample.batch_size over all devices.
 
-    Returns (samples float32 [N, H, W, C] on every host, labels int32 [N]).
+    Returns (samples float32 [N, H, W, C] on every host, labels int32 [N]; a text model's
+    prompts str [N] instead). `text_encoder` replaces the CLIP of text.encoder_dir.
     """
     n = num_samples or config.sample.num_samples
     # Every device gets the same share: round the batch up to a multiple of the device count
     # (the extra images are sampled and dropped).
     batch = -(-config.sample.batch_size // mesh.size) * mesh.size
     seed = config.sample.seed if seed is None else seed
-    labels = class_labels(config, model.num_classes, math.ceil(n / batch) * batch)
+    conditions, null, labels = sample_conditions(config, model, math.ceil(n / batch) * batch,
+                                                 text_encoder)
     data = parallel.batch_sharding(mesh)
-    fn = jax.jit(make_sample_fn(model, config, on_capacity, apply_builder),
+    fn = jax.jit(make_sample_fn(model, config, on_capacity, apply_builder, null),
                  in_shardings=(param_shardings, parallel.replicated(mesh), data,
                                parallel.replicated(mesh)),
                  out_shardings=data)
     out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         for i in range(0, n, batch):
-            y = jax.device_put(labels[i:i + batch], data)
+            y = jax.device_put(jax.tree.map(lambda a: a[i:i + batch], conditions), data)
             x = fn(params, model_state, y, jax.random.fold_in(jax.random.PRNGKey(seed), i))
             out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
             log.info("sampled %d/%d images", min(i + batch, n), n)
@@ -172,7 +252,11 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """ADM format; written under a temporary name and renamed, so it is never half-written."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, arr_0=images, arr_1=labels)
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "US":  # a text model's prompts
+        np.savez(tmp, arr_0=images, prompts=labels)
+    else:
+        np.savez(tmp, arr_0=images, arr_1=labels)
     os.replace(tmp, path)
 
 

@@ -112,6 +112,13 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
                f"the digits are 8x8x1 but config.model has input_size={model['input_size']}, "
                f"in_channels={model['in_channels']}; set model.input_size=8, "
                "model.in_channels=1.")
+    text_model = model.get("conditioning") == "text"
+    _check(not text_model or data.name in ("digits_text", "latents"),
+           f"config.model.conditioning='text' needs captioned data, but data.name="
+           f"{data.name!r} has none; use 'digits_text' or latents extracted with --source=coco.")
+    _check(text_model or data.name != "digits_text",
+           "data.name='digits_text' yields captions; set config.model.conditioning='text' (and "
+           "model.text_width / text_length to the text encoder's) to train on them.")
     if data.name == "digits":  # digits_text conditions on captions, not on the class table
         _check(model["num_classes"] in (1, 10),
                f"the digits have 10 classes but config.model.num_classes="
@@ -143,6 +150,21 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
            f"config.sample.num_steps={s.num_steps} exceeds diffusion.num_timesteps="
            f"{d.num_timesteps}.")
     parse_labels(s.labels, model["num_classes"])
+    if text_model:
+        for name in ("prompts", "captions_file"):
+            path = os.path.expanduser(s.get(name, ""))
+            _check(not path or os.path.isfile(path),
+                   f"config.sample.{name}={s.get(name)!r} is not a file; give "
+                   + ("a text file with one prompt per line." if name == "prompts" else
+                      "the val_captions.npz written by `python -m switch_dit_jax.data.coco`."))
+        _check(bool(s.get("prompts") or s.get("captions_file")) or not (
+            t.sample_every or ("eval" in config and config.eval.eval_every)),
+               "a text model samples from prompts: set config.sample.prompts (a text file, one "
+               "prompt per line) or config.sample.captions_file, or set train.sample_every=0 "
+               "and eval.eval_every=0.")
+        _check(not s.get("prompts") or bool(config.text.encoder_dir),
+               "config.sample.prompts are encoded by the text encoder: set "
+               "config.text.encoder_dir to its CLIP directory.")
     _check(s.get("cfg_channels", 0) <= model["in_channels"],
            f"config.sample.cfg_channels={s.get('cfg_channels')} exceeds the "
            f"{model['in_channels']} channels of the model input (model.in_channels); use 0 "
@@ -150,7 +172,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
 
     if "eval" in config and config.eval.eval_every:
         e = config.eval
-        if data.name != "digits":
+        if data.name not in ("digits", "digits_text"):
             for name in ("reference_npz", "inception_weights"):
                 path = os.path.expanduser(e[name])
                 _check(bool(e[name]) and os.path.isfile(path),
@@ -217,12 +239,12 @@ def check_parameter_sharding(config, sizes) -> None:
     import jax
     import jax.numpy as jnp
 
-    from switch_dit_jax.models import build_model
+    from switch_dit_jax.models import build_model, example_condition
 
     model = build_model(config.model)
     s = model.input_size
     boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, s, s, model.in_channels)),
-                                                jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)),
+                                                jnp.zeros((1,)), example_condition(model)),
                            jax.random.PRNGKey(0))
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]:

@@ -37,3 +37,25 @@ def save(fig: Figure, path: str) -> Figure:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=fig.dpi, facecolor="white")
     return fig
+
+
+def captioned_grid(images, captions, title: str, path: str, ncols: int = 8) -> Figure:
+    """uint8 [N, H, W, C] images in a grid, each under its (wrapped) caption: text-to-image
+    samples beside the prompts they were drawn for."""
+    import math
+    import textwrap
+
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = new_figure(1.6 * ncols, 2.0 * nrows + 0.5)
+    fig.suptitle(title, fontsize=10)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        gray = image.shape[-1] == 1
+        ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(str(caption), 22)[:3]), fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save(fig, path)

@@ -40,6 +40,17 @@ def digit_captions(label: int) -> list[str]:
     return [t.format(name=DIGIT_NAMES[label], digit=label) for t in DIGIT_TEMPLATES]
 
 
+def prompt_digits(prompts) -> np.ndarray:
+    """The digit each prompt asks for ("the number 7", "a handwritten seven" -> 7): the labels
+    that the digits classifier checks text-to-image samples against; -1 where none is named."""
+    names = {name: d for d, name in enumerate(DIGIT_NAMES)} | {str(d): d for d in range(10)}
+    out = []
+    for prompt in prompts:
+        hits = {names[w] for w in str(prompt).lower().replace(",", " ").split() if w in names}
+        out.append(hits.pop() if len(hits) == 1 else -1)
+    return np.asarray(out, np.int32)
+
+
 # ----------------------------------------------------------------------------- caption block
 
 

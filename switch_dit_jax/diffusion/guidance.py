@@ -2,7 +2,7 @@
 
 `guided_fn(apply_fn, y, null_y, scale)` turns `apply_fn(x, t, y)` into `model_fn(x, t)` whose
 first `guided_channels` output channels are `u + scale·(c − u)` (c: conditional, u: the null
-class) and whose other channels are the conditional output: DDPM's remaining eps channels and
+class, or the empty caption of a text model) and whose other channels are the conditional output: DDPM's remaining eps channels and
 its variance interpolation, or nothing more for a velocity.
 
 * `guided_channels=None` guides every channel of x. facebookresearch/DiT and DiffMoE's DDPM
@@ -34,13 +34,15 @@ def guided_fn(apply_fn: Callable, y: jax.Array, null_y, scale: float, *,
     """
     if pool not in POOLS:
         raise ValueError(f"sample.cfg_pool={pool!r}; use one of {list(POOLS)}.")
-    y = jnp.asarray(y)
-    null_y = jnp.broadcast_to(jnp.asarray(null_y, dtype=y.dtype), y.shape)
+    # y may be a pytree of [B, ...] arrays (a text condition); null_y is one sample of it.
+    y = jax.tree.map(jnp.asarray, y)
+    null_y = jax.tree.map(lambda a, n: jnp.broadcast_to(jnp.asarray(n, a.dtype), a.shape),
+                          y, null_y)
 
     def model_fn(x, t):
         if pool == "joint":
             out = apply_fn(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0),
-                           jnp.concatenate([y, null_y], 0))
+                           jax.tree.map(lambda a, n: jnp.concatenate([a, n], 0), y, null_y))
             cond, uncond = jnp.split(out, 2, axis=0)
         else:
             cond, uncond = apply_fn(x, t, y), apply_fn(x, t, null_y)

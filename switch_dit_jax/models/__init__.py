@@ -78,6 +78,10 @@ MODEL_DEFAULTS = dict(
     in_channels=4,            # channels C of the model input
     num_classes=1000,         # 1 = unconditional (one learned label row, as official)
     class_dropout_prob=0.1,   # label dropout for classifier-free guidance
+    conditioning="class",     # "class" (label table) | "text" (cross-attention to CLIP tokens)
+    text_width=768,           # width of the text tokens (CLIP ViT-L/14: 768)
+    text_length=77,           # number of text tokens (CLIP: 77)
+    caption_dropout_prob=0.1,  # caption dropout for classifier-free guidance (text models)
     learn_sigma=True,         # 2C outputs: eps and the interpolation of the variance
     mlp_ratio=4.0,
     compute_dtype="float32",  # "float32" | "bfloat16"; parameters stay float32
@@ -222,6 +226,27 @@ def _resolve_adm(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+CONDITIONINGS = ("class", "text")
+
+
+def _check_conditioning(cfg: dict[str, Any]) -> None:
+    if cfg["conditioning"] not in CONDITIONINGS:
+        raise ValueError(f"model.conditioning={cfg['conditioning']!r}; use one of "
+                         f"{list(CONDITIONINGS)}.")
+    if cfg["conditioning"] != "text":
+        return
+    if cfg["backbone"] != "dit":
+        raise ValueError(f"model.conditioning='text' needs model.backbone='dit' (the T2I "
+                         f"block is a DiT block), not {cfg['backbone']!r}.")
+    for key in ("text_width", "text_length"):
+        if not _positive_int(cfg[key]):
+            raise ValueError(f"model.{key}={cfg[key]!r} must be a positive integer (the text "
+                             "encoder's width and token count, 768 and 77 for CLIP ViT-L/14).")
+    if not 0.0 <= cfg["caption_dropout_prob"] < 1.0:
+        raise ValueError(f"model.caption_dropout_prob={cfg['caption_dropout_prob']} must be in "
+                         "[0, 1).")
+
+
 def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults + named size + explicit overrides, validated; errors name the field."""
     cfg = with_defaults(MODEL_DEFAULTS, model_config, "model config")
@@ -243,6 +268,7 @@ def resolve_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     if not 0.0 <= cfg["class_dropout_prob"] < 1.0:
         raise ValueError(f"model.class_dropout_prob={cfg['class_dropout_prob']} must be in "
                          "[0, 1).")
+    _check_conditioning(cfg)
     if cfg["backbone"] == "adm":
         return _resolve_adm(cfg)
     sizes = {} if cfg["name"] == "custom" else parse_model_name(cfg["name"])
@@ -307,8 +333,19 @@ def build_model(model_config: Mapping[str, Any], remat_policy: str = "none") -> 
         learn_sigma=cfg["learn_sigma"], dtype=dtype,
         attention_impl=attention_impl, remat_policy=remat_policy,
         routing=FrozenDict(cfg["routing"]), ffn=FrozenDict(cfg["ffn"]),
-        head_dim=cfg["head_dim"])
+        head_dim=cfg["head_dim"], conditioning=cfg["conditioning"],
+        text_width=cfg["text_width"], text_length=cfg["text_length"],
+        caption_dropout_prob=cfg["caption_dropout_prob"])
 
 
-__all__ = ["build_model", "resolve_model_config", "DiT", "UNet", "DIT_MODELS", "MODEL_DEFAULTS",
+def example_condition(model, batch: int = 1):
+    """A zero condition of `batch` samples in the form `model` takes (for init and shapes):
+    class labels, or a text model's {"text", "text_mask"}."""
+    if getattr(model, "conditioning", "class") == "text":
+        return {"text": jnp.zeros((batch, model.text_length, model.text_width)),
+                "text_mask": jnp.ones((batch, model.text_length), bool)}
+    return jnp.zeros((batch,), jnp.int32)
+
+
+__all__ = ["build_model", "example_condition", "resolve_model_config", "DiT", "UNet", "DIT_MODELS", "MODEL_DEFAULTS",
            "ROUTING_DEFAULTS", "FFN_DEFAULTS", "UNET_DEFAULTS"]

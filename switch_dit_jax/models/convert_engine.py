@@ -69,10 +69,12 @@ def linear(prefix: str, path: tuple[str, ...], slot: int | None = None, bias: bo
 
 def abstract_variables(model: nn.Module) -> dict[str, Any]:
     """Shapes of the model's `params` (and `moe_state` where it has one), without computing."""
+    from switch_dit_jax.models import example_condition  # the package imports this module
+
     s = model.input_size
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, s, s, model.in_channels)), jnp.zeros((1,)),
-        jnp.zeros((1,), jnp.int32)))
+        example_condition(model)))
     return {k: v for k, v in nn.unbox(abstract).items() if k in COLLECTIONS}
 
 

@@ -62,8 +62,9 @@ class DiTBlock(nn.Module):
     head_dim: int | None = None  # attention head width (None = hidden_size / num_heads)
 
     @nn.compact
-    def __call__(self, x, c, mask=None, train: bool = False):
-        """x: [B, S, D] tokens, c: [B, D] conditioning, mask: None or broadcastable to x."""
+    def __call__(self, x, c, mask=None, train: bool = False, context=None):
+        """x: [B, S, D] tokens, c: [B, D] conditioning, mask: None or broadcastable to x,
+        context: None or (text tokens [B, L, D_text], their mask [B, L]) for cross-attention."""
         skip = None
         if mask is not None:
             if self.integration in ("mask_skip", "mask_skip_init"):
@@ -75,6 +76,10 @@ class DiTBlock(nn.Module):
         h = layers.Attention(self.num_heads, self.dtype, self.attention_impl, self.head_dim,
                              name="attn")(h)
         x = x + gate_msa[:, None] * h.astype(jnp.float32)
+        if context is not None:  # T2I block (DTR Figure 8): plain LayerNorm, no adaLN gate
+            h = layers.CrossAttention(self.num_heads, self.dtype, self.head_dim,
+                                      name="cross_attn")(layers.layer_norm(x), *context)
+            x = x + h.astype(jnp.float32)
         h = layers.modulated_layer_norm(x, shift_mlp, scale_mlp)
         h = self.ffn_factory(hidden_features=int(self.hidden_size * self.mlp_ratio),
                              dtype=self.dtype, name="mlp")(h, train)
@@ -105,6 +110,10 @@ class DiT(nn.Module):
     passes t in [0, 1]); `y` are class labels in [0, num_classes], num_classes meaning "null".
     With num_classes == 1 the model is unconditional: its label table is one learned row that
     every sample adds (the official layout, so official FFHQ checkpoints import).
+
+    With conditioning="text", `y` is {"text": [B, L, text_width] CLIP token states,
+    "text_mask": [B, L] (True on real tokens)}: every block cross-attends to the text and adaLN
+    is regressed from the timestep embedding alone (DTR Appendix C); there is no label table.
     """
     input_size: int = 32
     in_channels: int = 4
@@ -126,6 +135,10 @@ class DiT(nn.Module):
     # Feed-forward networks (dense MLP or a mixture): see models.FFN_DEFAULTS for the fields.
     ffn: Mapping[str, Any] | None = None
     head_dim: int | None = None  # attention head width (DiffMoE's option; None = D / heads)
+    conditioning: str = "class"  # "class" (label table) | "text" (cross-attention to CLIP tokens)
+    text_width: int = 768        # D_text of the text tokens (CLIP ViT-L/14: 768)
+    text_length: int = 77        # L of the text tokens
+    caption_dropout_prob: float = 0.1  # the train step's caption dropout (CFG's null caption)
 
     def ffn_factory(self, block: int) -> Callable[..., nn.Module]:
         """The FFN of block `block`: a mixture in every `every`-th block from `first`."""
@@ -181,7 +194,11 @@ class DiT(nn.Module):
                 "model.in_channels against the data.")
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-        y = jnp.zeros((batch,), jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+        context = None
+        if self.conditioning == "text":
+            context = self.text_context(y, batch)
+        else:
+            y = jnp.zeros((batch,), jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
 
         pos = layers.sincos_pos_embed_2d(self.hidden_size, self.grid_size)
         h = layers.PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name="x_embedder")(
@@ -203,8 +220,9 @@ class DiT(nn.Module):
                 c = t_emb_all[t]
             else:
                 c = t_embedder(t)
-        c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
-                                     self.class_dropout_prob, name="y_embedder")(y, train)
+        if context is None:
+            c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                         self.class_dropout_prob, name="y_embedder")(y, train)
         masks = self.fixed_masks()
         fixed_gates = None
         if self.routing_kind == "switch" and r["allocation"] == "random":
@@ -233,11 +251,25 @@ class DiT(nn.Module):
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
                           integration=integration, head_dim=self.head_dim,
-                          name=f"blocks_{i}")(h, c, mask, train)
+                          name=f"blocks_{i}")(h, c, mask, train, context)
             h = layers.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)
         return self.unpatchify(h)
+
+    def text_context(self, y, batch: int) -> tuple[jax.Array, jax.Array]:
+        """(tokens, mask) of a text condition, checked against the model's text shape."""
+        if not isinstance(y, Mapping) or set(y) != {"text", "text_mask"}:
+            raise ValueError("a conditioning='text' model takes y={'text': [B, L, D], "
+                             "'text_mask': [B, L]}, not class labels; check that the data "
+                             "yields captions (data.name='digits_text' or captioned latents).")
+        text, mask = jnp.asarray(y["text"], jnp.float32), jnp.asarray(y["text_mask"], bool)
+        want = (batch, self.text_length, self.text_width)
+        if text.shape != want or mask.shape != want[:2]:
+            raise ValueError(f"text condition of shape {tuple(text.shape)} (mask "
+                             f"{tuple(mask.shape)}) but the model takes {want}; set "
+                             "model.text_length / model.text_width to the text encoder's.")
+        return text, mask
 
     def unpatchify(self, h: jax.Array) -> jax.Array:
         """[B, S, p·p·C] -> [B, H, W, C] (the per-token features are ordered (p, q, C))."""

@@ -241,6 +241,34 @@ class Attention(nn.Module):
         return dense(d, ("heads", "embed"), self.dtype, name="proj")(out.reshape(b, s, inner))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to text tokens (DTR Appendix C, Figure 8): the
+    self-attention's design with the text as keys and values, projected from the text width.
+
+    Padding tokens (`context_mask` False) are masked out of the softmax, so they cannot change
+    the output. The output projection starts at zero: a new T2I block starts as the block
+    without text, as adaLN-Zero starts every block as the identity.
+    """
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    head_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x, context, context_mask):
+        b, s, d = x.shape
+        head_dim = self.head_dim or d // self.num_heads
+        inner = self.num_heads * head_dim
+        q = dense(inner, ("embed", "qkv"), self.dtype, name="q")(x.astype(self.dtype))
+        kv = dense(2 * inner, ("text_embed", "qkv"), self.dtype, name="kv")(
+            context.astype(self.dtype))
+        q = q.reshape(b, s, self.num_heads, head_dim)
+        kv = kv.reshape(b, context.shape[1], 2, self.num_heads, head_dim)
+        mask = jnp.asarray(context_mask, bool)[:, None, None, :]  # [B, heads, S, L]
+        out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask,
+                                           implementation="xla")
+        return dense(d, ("heads", "embed"), self.dtype, zeros, "proj")(out.reshape(b, s, inner))
+
+
 class Mlp(nn.Module):
     """The DiT feed-forward network: Linear(D, r·D) -> GELU(tanh) -> Linear(r·D, D)."""
     hidden_features: int

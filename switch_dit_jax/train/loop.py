@@ -12,7 +12,9 @@ import jax
 from clu import parameter_overview
 
 from switch_dit_jax import parallel, sample
+from switch_dit_jax.analysis import figures
 from switch_dit_jax.data import pipeline
+from switch_dit_jax.data.captions import load_empty_caption, prompt_digits
 from switch_dit_jax.errors import BadFileError
 from switch_dit_jax.files import load_npz
 from switch_dit_jax.models import build_model, flops
@@ -42,10 +44,33 @@ def _check_data_matches_model(source, model) -> None:
         raise ConfigError(f"the data yields {tuple(source.image_shape)} arrays but the model "
                           f"takes {want}; set model.input_size / model.in_channels to match "
                           "the data.")
+    if sample.is_text_model(model):
+        text_shape = getattr(source, "text_shape", None)
+        if text_shape is None:
+            raise ConfigError(f"model.conditioning='text' but the data ({source!r}) has no "
+                              "captions; use data.name='digits_text' or latents extracted with "
+                              "--source=coco.")
+        want = (model.text_length, model.text_width)
+        if tuple(text_shape[-2:]) != want:
+            raise ConfigError(f"the data's captions are {tuple(text_shape[-2:])} text states "
+                              f"but the model takes {want}; set model.text_length / "
+                              f"model.text_width to {tuple(text_shape[-2:])}.")
+        return
+    if getattr(source, "text_shape", None) is not None:
+        raise ConfigError("the data holds captions but model.conditioning='class'; set "
+                          "model.conditioning='text' to train on them.")
     if model.num_classes > 1 and source.num_classes != model.num_classes:
         raise ConfigError(f"the data has {source.num_classes} classes but model.num_classes="
                           f"{model.num_classes}; set model.num_classes={source.num_classes} "
                           "(or 1 for unconditional).")
+
+
+def _eval_data(config, labels):
+    """(data name, labels) for the evaluator: a digits_text run's prompts become the digits
+    they name, so the digits classifier checks that each sample shows its prompt's digit."""
+    if config.data.name == "digits_text":
+        return "digits", prompt_digits(labels)
+    return config.data.name, labels
 
 
 def evaluate_in_training(model, config, state, mesh, shardings, workdir: str, writer) -> dict:
@@ -63,7 +88,8 @@ def evaluate_in_training(model, config, state, mesh, shardings, workdir: str, wr
                         "be decoded into images.", step)
             return {}
     e = config.eval
-    result = evaluate_samples(sample.to_uint8(images), labels, data_name=config.data.name,
+    data_name, labels = _eval_data(config, labels)
+    result = evaluate_samples(sample.to_uint8(images), labels, data_name=data_name,
                               workdir=workdir, reference_npz=e.reference_npz or None,
                               inception_weights=e.inception_weights or None,
                               batch_size=e.batch_size, mesh=mesh)
@@ -91,7 +117,14 @@ def write_samples(model, config, state, mesh, shardings, workdir: str, writer=No
     paths = {ext: os.path.join(workdir, "samples", f"samples_{step:08d}.{ext}")
              for ext in ("png", "npz")}
     if jax.process_index() == 0:
-        sample.save_png(paths["png"], grid)
+        if sample.is_text_model(model):
+            count = min(len(images), 32)
+            figures.captioned_grid(images[:count], labels[:count],
+                                   figures.run_title("samples from prompts",
+                                                     figures.run_name(workdir), step),
+                                   paths["png"])
+        else:
+            sample.save_png(paths["png"], grid)
         sample.save_npz(paths["npz"], images, labels)
     if writer is not None:
         writer.write_images(step, {"ema_samples": grid[None]})
@@ -211,7 +244,11 @@ def _train(config, workdir: str, guard, lock) -> None:
             log.info("trainable parameters: %s", f"{count_params(state.params):,}")
 
         batch_sharding = parallel.batch_sharding(mesh)
-        train_step = jax.jit(make_train_step(model, diffusion, tx, config),
+        null_condition = None
+        if sample.is_text_model(model):  # the empty caption: caption dropout's null condition
+            text, mask = load_empty_caption(config)
+            null_condition = {"text": text, "text_mask": mask}
+        train_step = jax.jit(make_train_step(model, diffusion, tx, config, null_condition),
                              in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
                              out_shardings=(shardings, parallel.replicated(mesh)),
                              donate_argnums=(0,))
@@ -333,17 +370,18 @@ def evaluate_workdir(config, workdir: str) -> dict[str, float]:
     if not files:
         raise FileNotFoundError(f"no samples_*.npz in {workdir}/samples; run --mode=sample "
                                 "first.")
-    if config.data.name != "digits" and not (config.eval.reference_npz
+    if config.data.name not in ("digits", "digits_text") and not (config.eval.reference_npz
                                              and config.eval.inception_weights):
         raise ConfigError("--mode=eval on non-digits data needs --config.eval.reference_npz "
                           "and --config.eval.inception_weights.")
-    arrays = load_npz(files[-1], "samples file", keys=("arr_0", "arr_1"))
+    arrays = load_npz(files[-1], "samples file", keys=("arr_0", "arr_1", "prompts"))
     if "arr_0" not in arrays:
         raise BadFileError(f"samples file {files[-1]!r} has no 'arr_0' images; write it again "
                            "with --mode=sample.")
-    images, labels = arrays["arr_0"], arrays.get("arr_1")
+    images, labels = arrays["arr_0"], arrays.get("arr_1", arrays.get("prompts"))
     e = config.eval
-    result = evaluate_samples(images, labels, data_name=config.data.name, workdir=workdir,
+    data_name, labels = _eval_data(config, labels)
+    result = evaluate_samples(images, labels, data_name=data_name, workdir=workdir,
                               reference_npz=e.reference_npz or None,
                               inception_weights=e.inception_weights or None,
                               batch_size=e.batch_size)

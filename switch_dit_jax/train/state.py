@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from switch_dit_jax import parallel
+from switch_dit_jax.models import example_condition
 
 
 @flax.struct.dataclass
@@ -62,7 +63,7 @@ def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Ar
     """The initial state with parameters still boxed by their logical axis names."""
     s, c = model.input_size, model.in_channels
     variables = model.init(key, jnp.zeros((1, s, s, c)), jnp.zeros((1,)),
-                           jnp.zeros((1,), jnp.int32))
+                           example_condition(model))
     variables = dict(variables)
     variables.pop("aux", None)  # per-step routing outputs, not state
     params = dict(variables.pop("params"))

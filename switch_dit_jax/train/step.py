@@ -112,9 +112,35 @@ def split_micro_batches(a: jax.Array, n: int) -> jax.Array:
     return jnp.swapaxes(a.reshape((a.shape[0] // n, n) + a.shape[1:]), 0, 1)
 
 
+def drop_conditions(key: jax.Array, y, null_y, prob: float):
+    """Classifier-free guidance's condition dropout over a batch: each sample's condition
+    becomes `null_y` with probability `prob`. `y` is a label array or a pytree of [B, ...]
+    arrays (a text condition); `null_y` has y's structure without the batch dimension."""
+    batch = jax.tree.leaves(y)[0].shape[0]
+    drop = jax.random.uniform(key, (batch,)) < prob
+
+    def pick(a, null):
+        shape = (batch,) + (1,) * (a.ndim - 1)
+        return jnp.where(drop.reshape(shape), jnp.asarray(null, a.dtype), a)
+
+    return jax.tree.map(pick, y, null_y)
+
+
+def batch_condition(batch: dict, model: nn.Module):
+    """The model's `y` from a data batch: the labels, or the text tokens and their mask."""
+    if getattr(model, "conditioning", "class") == "text":
+        return {"text": batch["text"], "text_mask": batch["text_mask"]}
+    return batch["label"]
+
+
 def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
-                    tx: optax.GradientTransformation, config) -> Callable:
+                    tx: optax.GradientTransformation, config,
+                    null_condition=None) -> Callable:
     """The train step for `model` under `diffusion`; jit it with the state's shardings.
+
+    A text model (conditioning="text") needs `null_condition`, the empty caption's
+    {"text": [L, D], "text_mask": [L]} (data.captions.load_empty_caption): caption dropout
+    replaces a sample's caption by it, as label dropout replaces a label by the null class.
 
     All randomness of step s comes from fold_in(base_key, s), so a resumed run draws exactly
     what the uninterrupted one would have. `metrics[FINITE]` is 1.0 when the loss and the
@@ -142,14 +168,21 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
     horizon = 1.0 if is_flow else diffusion.num_timesteps
     # Label dropout is drawn here, per sample of the whole batch, rather than inside the model,
     # so that micro-batches drop exactly the labels one big batch would.
-    drop_prob = (float(getattr(model, "class_dropout_prob", 0.0))
-                 if getattr(model, "num_classes", 1) > 1 else 0.0)
-    net = model.clone(class_dropout_prob=0.0) if drop_prob > 0 else model
+    if getattr(model, "conditioning", "class") == "text":
+        drop_prob, null_y, net = float(model.caption_dropout_prob), null_condition, model
+        if drop_prob > 0 and null_condition is None:
+            raise ValueError("a text model with caption_dropout_prob > 0 needs the empty "
+                             "caption: pass null_condition={'text', 'text_mask'}.")
+    else:
+        drop_prob = (float(getattr(model, "class_dropout_prob", 0.0))
+                     if getattr(model, "num_classes", 1) > 1 else 0.0)
+        null_y = getattr(model, "num_classes", 0)
+        net = model.clone(class_dropout_prob=0.0) if drop_prob > 0 else model
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         k_t, k_noise, k_drop, k_model, k_prior = jax.random.split(key, 5)
-        x, y = batch["image"], batch["label"]
+        x, y = batch["image"], batch_condition(batch, model)
         if is_flow:
             t = diffusion.sample_t(k_t, x.shape[0])
         elif loss_cfg.weighting == "ant_uw":
@@ -162,8 +195,7 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
             loss_cfg.weighting, diffusion.alphas_cumprod, t, min_snr_gamma=loss_cfg.min_snr_gamma,
             p2_gamma=loss_cfg.p2_gamma, p2_k=loss_cfg.p2_k)
         if drop_prob > 0:
-            drop = jax.random.uniform(k_drop, y.shape) < drop_prob
-            y = jnp.where(drop, model.num_classes, y)
+            y = drop_conditions(k_drop, y, null_y, drop_prob)
         samples = {"x": x, "y": y, "t": t, "noise": noise,
                    "w": jnp.broadcast_to(jnp.asarray(w, jnp.float32), t.shape)}
         if num_buckets:
