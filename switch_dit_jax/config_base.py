@@ -28,13 +28,17 @@ def get_base_config() -> ConfigDict:
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
     c.model.attention_impl = "auto"   # "auto" (cuDNN flash on GPU in 16-bit, else XLA) | "xla" | "cudnn"
     c.model.routing = ConfigDict()    # task routing (DTR / R-TR / Switch-DiT)
-    # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT) | "cdtr" | "ercddt" (DTR Table 8)
+    # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT) | "cdtr" | "ercddt" |
+    # "maxroaming" (DTR Table 8)
     c.model.routing.kind = "none"
     c.model.routing.num_tasks = 1000  # T: one task per training timestep
     c.model.routing.alpha = 4.0       # DTR window shift exponent (and Switch-DiT's prior map)
     c.model.routing.beta = 0.8        # DTR / R-TR activated channel fraction
     c.model.routing.seed = 0          # R-TR channel draw (a table per block) / random allocation
-    c.model.routing.clusters = 8      # CDTR / ERCDDT timestep clusters
+    c.model.routing.clusters = 8      # CDTR / ERCDDT / MaxRoaming timestep clusters
+    c.model.routing.roaming_period = 1000  # MaxRoaming: training steps between channel swaps
+    # MaxRoaming masks when sampling: those of this training step (-1 = after every swap)
+    c.model.routing.roaming_sample_step = -1
     c.model.routing.num_experts = 3   # Switch-DiT M experts per block
     c.model.routing.top_k = 2         # Switch-DiT k active experts
     c.model.routing.integration = "mask_skip_init"  # direct | mask | mask_skip | mask_skip_init

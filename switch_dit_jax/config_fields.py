@@ -103,6 +103,8 @@ FIELD_RULES: dict[str, Rule] = {
     "model.routing.beta": number(gt=0, le=1),
     "model.routing.seed": SEED,
     "model.routing.clusters": POSITIVE,
+    "model.routing.roaming_period": POSITIVE,
+    "model.routing.roaming_sample_step": integer(-1),
     "model.routing.num_experts": POSITIVE,
     "model.routing.top_k": POSITIVE,
     "model.routing.integration": TEXT,

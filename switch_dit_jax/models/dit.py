@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import dtr, layers
+from switch_dit_jax.models import dtr, layers, roaming
 from switch_dit_jax.models import moe
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
@@ -223,6 +223,8 @@ class DiT(nn.Module):
             elif self.routing_kind == "random":
                 mask = dtr.random_mask_rows(r["seed"], i, t, self.hidden_size,
                                             r["beta"])[:, None, :]
+            elif self.routing_kind == "maxroaming":
+                mask = roaming.block_rows(self, i, t)[:, None, :]
             elif self.routing_kind == "switch":
                 mask = SwitchRouter(
                     r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],
