@@ -61,6 +61,9 @@ def get_base_config() -> ConfigDict:
     # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
     # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
     c.model.ffn.shared_experts = 0
+    # Official DiffMoE capacity_schedule (stage_I_iters, stage_II_iters): C_train = E until
+    # stage I, then linear down to ffn.capacity at stage II; () = a constant C_train.
+    c.model.ffn.capacity_schedule = ()
     c.model.unet = ConfigDict()       # the ADM UNet (backbone="adm"): guided-diffusion's options
     c.model.unet.model_channels = 128  # base width (guided-diffusion's num_channels)
     c.model.unet.channel_mult = ()    # width multipliers per resolution; () = ADM's for input_size

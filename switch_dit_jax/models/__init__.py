@@ -50,6 +50,7 @@ FFN_DEFAULTS = dict(
     static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
     swiglu=False,             # SwiGLU experts and dense FFNs (official use_swiglu)
     shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
+    capacity_schedule=(),     # DiffMoE (stage_I_iters, stage_II_iters): C = E, then down to C
 )
 
 BACKBONES = ("dit", "adm")
@@ -119,6 +120,12 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
                          f"{cfg['num_experts']}.")
     if not cfg["capacity"] > 0:
         raise ValueError(f"model.ffn.capacity={cfg['capacity']} must be > 0.")
+    sched = tuple(cfg["capacity_schedule"] or ())
+    if sched and not (len(sched) == 2 and all(isinstance(v, int) for v in sched)
+                      and 0 <= sched[0] < sched[1]):
+        raise ValueError(f"model.ffn.capacity_schedule={sched!r} must be () or two training "
+                         "steps (stage_I_iters, stage_II_iters) with 0 <= stage I < stage II.")
+    cfg["capacity_schedule"] = sched
     if cfg["inference"] not in ("dynamic", "interval", "static"):
         raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic', "
                          "'interval' or 'static'.")

@@ -140,7 +140,8 @@ class DiT(nn.Module):
                                      threshold_decay=f["threshold_decay"],
                                      inference=f["inference"],
                                      interval_threshold=f["interval_threshold"],
-                                     static_capacity=f["static_capacity"], **common)
+                                     static_capacity=f["static_capacity"],
+                                     capacity_schedule=tuple(f["capacity_schedule"]), **common)
         if kind == "token_choice":
             return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
                                      **common)

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from switch_dit_jax.models import expert_parallel, layers
+from switch_dit_jax.models import expert_parallel, layers, schedule
 
 MOE_KINDS = ("mlp", "diffmoe", "token_choice", "expert_choice")
 
@@ -151,6 +151,9 @@ class DiffMoE(nn.Module):
     inference_buckets: int = 6
     swiglu: bool = False                  # SwiGLU experts (official use_swiglu)
     shared_experts: int = 0               # official n_shared_experts (see shared_expert)
+    # Official capacity_schedule (stage_I_iters, stage_II_iters): C_train = E up to stage I,
+    # then linear down to `capacity` at stage II (schedule.scheduled_capacity); () = off.
+    capacity_schedule: tuple = ()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -170,8 +173,13 @@ class DiffMoE(nn.Module):
         pool = pool.astype(self.dtype)
 
         if train:
+            step = schedule.current_step(self)
+            inputs = experts
+            if self.capacity_schedule and step is not None:
+                c = schedule.scheduled_capacity(step, self.capacity, e, *self.capacity_schedule)
+                inputs = {**experts, "train_capacity": jnp.full((e,), c)}
             y, per_token, per_expert = expert_parallel.run(self._train_local, pool, routing,
-                                                           experts)
+                                                           inputs)
             self.sow("aux", "capacity_logits", pred_logits)
             self.sow("aux", "dispatch", per_token["dispatch"])
             if not self.is_initializing():
@@ -195,11 +203,29 @@ class DiffMoE(nn.Module):
     def _train_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
         k = self._top_k(self.capacity, pool_size)
-        y, index = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
+        if "train_capacity" not in experts:
+            return self._train_top_k(pool, routing, experts, k, k)
+        weights = {name: w for name, w in experts.items() if name != "train_capacity"}
+        c = experts["train_capacity"][0]
+        # The official int((S / E) · C), in the same order of operations.
+        k_now = jnp.clip(jnp.floor(pool_size / self.num_experts * c).astype(jnp.int32), 1,
+                         pool_size)
+        # Above C_train every expert may need the whole pool, with the tokens past k_now
+        # masked; once the schedule has ended the plain top-k runs (one branch executes).
+        return jax.lax.cond(
+            c > self.capacity,
+            lambda: self._train_top_k(pool, routing, weights, pool_size, k_now),
+            lambda: self._train_top_k(pool, routing, weights, k, k))
+
+    def _train_top_k(self, pool, routing, experts, size, k):
+        """Every expert's best `size` tokens of which the first k (static or traced) count."""
+        pool_size, e = routing["scores"].shape
+        keep = (jnp.arange(size)[None] < k).astype(jnp.float32) * jnp.ones((e, 1))
+        y, index = _expert_choice(pool, routing["scores"], keep, experts)
         dispatch = jnp.zeros((e, pool_size), jnp.float32).at[
-            jnp.arange(e)[:, None], index].set(1.0).T  # [P, e]
-        kth = jax.lax.top_k(routing["predicted"].T, k)[0][:, -1]  # [e]
-        capacity = jnp.full((e,), k * self.num_experts / pool_size)
+            jnp.arange(e)[:, None], index].set(keep).T  # [P, e]
+        kth = jax.lax.top_k(routing["predicted"].T, size)[0][:, k - 1]  # [e]
+        capacity = jnp.full((e,), k * self.num_experts / pool_size, jnp.float32)
         return y, {"dispatch": dispatch}, {"kth": kth, "capacity": capacity}
 
     def _top_k(self, capacity: float, pool_size: int) -> int:

@@ -23,8 +23,7 @@ def needs_step(model) -> bool:
     """Whether `model` (a DiT or UNet) reads the training step."""
     routing, ffn = getattr(model, "routing", None) or {}, getattr(model, "ffn", None) or {}
     return (routing.get("kind") == "maxroaming"
-            or (ffn.get("kind") in ("diffmoe", "expert_choice")
-                and tuple(ffn.get("capacity_schedule", ())) != ()))
+            or (ffn.get("kind") == "diffmoe" and tuple(ffn.get("capacity_schedule", ())) != ()))
 
 
 def schedule_variables(depth: int, step: jax.Array) -> dict:
