@@ -64,6 +64,9 @@ def get_base_config() -> ConfigDict:
     # Official DiffMoE capacity_schedule (stage_I_iters, stage_II_iters): C_train = E until
     # stage I, then linear down to ffn.capacity at stage II; () = a constant C_train.
     c.model.ffn.capacity_schedule = ()
+    # EC-DiT inference: "static" (top int(S/E·C) per sample) | "dynamic" (DiffMoE Table 8's
+    # "Local Dynamic Intra-sample Routing": a capacity predictor and thresholds per sample)
+    c.model.ffn.ec_inference = "static"
     c.model.unet = ConfigDict()       # the ADM UNet (backbone="adm"): guided-diffusion's options
     c.model.unet.model_channels = 128  # base width (guided-diffusion's num_channels)
     c.model.unet.channel_mult = ()    # width multipliers per resolution; () = ADM's for input_size

@@ -125,6 +125,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.swiglu": BOOLEAN,
     "model.ffn.shared_experts": COUNT,
     "model.ffn.capacity_schedule": STAGES,
+    "model.ffn.ec_inference": choice("static", "dynamic"),
     "model.ffn.interval_threshold": FRACTION,
     "model.unet.model_channels": POSITIVE,
     "model.unet.channel_mult": MULTIPLIERS,

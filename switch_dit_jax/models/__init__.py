@@ -50,6 +50,7 @@ FFN_DEFAULTS = dict(
     static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
     swiglu=False,             # SwiGLU experts and dense FFNs (official use_swiglu)
     shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
+    ec_inference="static",    # EC-DiT: "static" top-K' | "dynamic" (per-sample predictor + τ)
     capacity_schedule=(),     # DiffMoE (stage_I_iters, stage_II_iters): C = E, then down to C
 )
 
@@ -126,6 +127,9 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"model.ffn.capacity_schedule={sched!r} must be () or two training "
                          "steps (stage_I_iters, stage_II_iters) with 0 <= stage I < stage II.")
     cfg["capacity_schedule"] = sched
+    if cfg["ec_inference"] not in ("static", "dynamic"):
+        raise ValueError(f"model.ffn.ec_inference={cfg['ec_inference']!r}; use 'static' or "
+                         "'dynamic'.")
     if cfg["inference"] not in ("dynamic", "interval", "static"):
         raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic', "
                          "'interval' or 'static'.")

@@ -146,7 +146,8 @@ class DiT(nn.Module):
             return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
                                      **common)
         return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
-                                 **common)
+                                 dynamic=f["ec_inference"] == "dynamic",
+                                 threshold_decay=f["threshold_decay"], **common)
 
     @property
     def routing_kind(self) -> str:

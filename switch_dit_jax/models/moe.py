@@ -311,12 +311,24 @@ def _token_choice_local(pool, routing, experts):
 
 
 class ExpertChoiceMoE(nn.Module):
-    """EC-DiT: within each sample, every expert takes its top K' = int(S / E · C) tokens."""
+    """EC-DiT: within each sample, every expert takes its top K' = int(S / E · C) tokens.
+
+    With `dynamic` (DiffMoE Table 8, "Local Dynamic Intra-sample Routing"), the layer also
+    learns DiffMoE's capacity predictor and thresholds, confined to each sample: in training
+    the BCE target is the per-sample dispatch and q is the mean over samples of each
+    sample's K'-th predicted probability; in inference expert e takes, in each sample, the
+    #(sigmoid(pred_e) > τ_e) tokens of that sample with the highest gate scores. The paper
+    only names this baseline (the official EC-DiT has no predictor); this is DiffMoE's
+    mechanism with the global pool replaced by the sample. Every expert then runs all S
+    tokens of a sample, those past its count masked.
+    """
     num_experts: int
     hidden_features: int
     capacity: float = 1.0
     swiglu: bool = False
     shared_experts: int = 0
+    dynamic: bool = False
+    threshold_decay: float = 0.95
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -327,20 +339,60 @@ class ExpertChoiceMoE(nn.Module):
         shared = shared_expert("expert_choice", self.shared_experts, self.hidden_features,
                                self.dtype)
         pool = x.reshape(b * s, d)
-        scores = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
+        routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
         experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
+        if self.dynamic:
+            predictor = nn.Sequential([
+                layers.dense(d, ("embed", "mlp"), jnp.float32, name="capacity_fc1"), nn.silu,
+                layers.dense(e, ("mlp", "experts"), jnp.float32, name="capacity_fc2")])
+            pred_logits = predictor(jax.lax.stop_gradient(pool))
+            routing["predicted"] = jax.nn.sigmoid(pred_logits)
+            threshold = self.variable("moe_state", "threshold",
+                                      lambda: jnp.zeros((e,), jnp.float32))
+
+        def split(pool, routing):
+            e_local = routing["scores"].shape[-1]
+            return (pool.reshape(-1, s, d),
+                    {n: r.reshape(-1, s, e_local) for n, r in routing.items()}, e_local)
 
         def local(pool, routing, experts):  # samples are whole within a pool
-            def one_sample(tokens, sample_scores):
-                return _expert_choice(tokens, sample_scores, jnp.ones((e_local, k)),
-                                      experts)[0]
-            e_local = routing["scores"].shape[-1]
-            y = jax.vmap(one_sample)(pool.reshape(-1, s, d),
-                                     routing["scores"].reshape(-1, s, e_local))
-            return y.reshape(-1, d), {}, {}
+            tokens, per_sample, e_local = split(pool, routing)
 
-        y, _, _ = expert_parallel.run(local, pool.astype(self.dtype), {"scores": scores},
-                                      experts)
-        self.sow("aux", "capacity", jnp.full((e,), k * e / s))
+            def one_sample(tokens, r):
+                y, index = _expert_choice(tokens, r["scores"], jnp.ones((e_local, k)), experts)
+                dispatch = jnp.zeros((e_local, s), jnp.float32).at[
+                    jnp.arange(e_local)[:, None], index].set(1.0).T
+                kth = (jax.lax.top_k(r["predicted"].T, k)[0][:, -1] if "predicted" in r
+                       else jnp.zeros((e_local,)))
+                return y, dispatch, kth
+            y, dispatch, kth = jax.vmap(one_sample)(tokens, per_sample)
+            return (y.reshape(-1, d), {"dispatch": dispatch.reshape(-1, e_local)},
+                    {"kth": kth.mean(0), "capacity": jnp.full((e_local,), k * e / s)})
+
+        def local_dynamic(pool, routing, experts):
+            tokens, per_sample, e_local = split(pool, routing)
+            weights = {n: w for n, w in experts.items() if n != "threshold"}
+
+            def one_sample(tokens, r):
+                count = jnp.sum(r["predicted"] > experts["threshold"][None], axis=0)  # [e]
+                keep = (jnp.arange(s)[None] < count[:, None]).astype(jnp.float32)
+                return _expert_choice(tokens, r["scores"], keep, weights)[0], count
+            y, count = jax.vmap(one_sample)(tokens, per_sample)
+            capacity = count.astype(jnp.float32).mean(0) * e / s
+            return y.reshape(-1, d), {}, {"capacity": capacity}
+
+        pool = pool.astype(self.dtype)
+        if self.dynamic and not train:
+            y, _, per_expert = expert_parallel.run(
+                local_dynamic, pool, routing, {**experts, "threshold": threshold.value})
+        else:
+            y, per_token, per_expert = expert_parallel.run(local, pool, routing, experts)
+            if self.dynamic:
+                self.sow("aux", "capacity_logits", pred_logits)
+                self.sow("aux", "dispatch", per_token["dispatch"])
+                if not self.is_initializing():
+                    threshold.value = (self.threshold_decay * threshold.value
+                                       + (1 - self.threshold_decay) * per_expert["kth"])
+        self.sow("aux", "capacity", per_expert["capacity"])
         y = y.reshape(b, s, d)
         return y if shared is None else y + shared(x, train).astype(jnp.float32)
