@@ -32,13 +32,17 @@ def get_base_config() -> ConfigDict:
     c.model.compute_dtype = "float32"  # matmul dtype: "float32" | "bfloat16" (params stay f32)
     c.model.attention_impl = "auto"   # "auto" (cuDNN flash on GPU in 16-bit, else XLA) | "xla" | "cudnn"
     c.model.routing = ConfigDict()    # task routing (DTR / R-TR / Switch-DiT)
-    # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT) | "cdtr" | "ercddt" (DTR Table 8)
+    # "none" | "dtr" | "random" (R-TR) | "switch" (Switch-DiT) | "cdtr" | "ercddt" |
+    # "maxroaming" (DTR Table 8)
     c.model.routing.kind = "none"
     c.model.routing.num_tasks = 1000  # T: one task per training timestep
     c.model.routing.alpha = 4.0       # DTR window shift exponent (and Switch-DiT's prior map)
     c.model.routing.beta = 0.8        # DTR / R-TR activated channel fraction
     c.model.routing.seed = 0          # R-TR channel draw (a table per block) / random allocation
-    c.model.routing.clusters = 8      # CDTR / ERCDDT timestep clusters
+    c.model.routing.clusters = 8      # CDTR / ERCDDT / MaxRoaming timestep clusters
+    c.model.routing.roaming_period = 1000  # MaxRoaming: training steps between channel swaps
+    # MaxRoaming masks when sampling: those of this training step (-1 = after every swap)
+    c.model.routing.roaming_sample_step = -1
     c.model.routing.num_experts = 3   # Switch-DiT M experts per block
     c.model.routing.top_k = 2         # Switch-DiT k active experts
     c.model.routing.integration = "mask_skip_init"  # direct | mask | mask_skip | mask_skip_init
@@ -61,6 +65,12 @@ def get_base_config() -> ConfigDict:
     # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
     # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
     c.model.ffn.shared_experts = 0
+    # Official DiffMoE capacity_schedule (stage_I_iters, stage_II_iters): C_train = E until
+    # stage I, then linear down to ffn.capacity at stage II; () = a constant C_train.
+    c.model.ffn.capacity_schedule = ()
+    # EC-DiT inference: "static" (top int(S/E·C) per sample) | "dynamic" (DiffMoE Table 8's
+    # "Local Dynamic Intra-sample Routing": a capacity predictor and thresholds per sample)
+    c.model.ffn.ec_inference = "static"
     c.model.unet = ConfigDict()       # the ADM UNet (backbone="adm"): guided-diffusion's options
     c.model.unet.model_channels = 128  # base width (guided-diffusion's num_channels)
     c.model.unet.channel_mult = ()    # width multipliers per resolution; () = ADM's for input_size

@@ -69,6 +69,9 @@ MESH_SIZE: Rule = ("-1 (the devices left over) or an integer >= 1",
 INTERVAL: Rule = ("a pair (lo, hi) of integers with 0 <= lo < hi, or (0, 0)",
                   lambda v: isinstance(v, (tuple, list)) and len(v) == 2
                   and all(_is_int(i) for i in v) and (tuple(v) == (0, 0) or 0 <= v[0] < v[1]))
+STAGES: Rule = ("() or a pair (stage I, stage II) of training steps with 0 <= I < II",
+                lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (
+                    len(v) == 2 and all(_is_int(i) for i in v) and 0 <= v[0] < v[1])))
 MULTIPLIERS: Rule = ("a tuple of positive numbers (empty = the default)",
                     lambda v: isinstance(v, (tuple, list))
                     and all(_is_number(m) and m > 0 for m in v))
@@ -107,6 +110,8 @@ FIELD_RULES: dict[str, Rule] = {
     "model.routing.beta": number(gt=0, le=1),
     "model.routing.seed": SEED,
     "model.routing.clusters": POSITIVE,
+    "model.routing.roaming_period": POSITIVE,
+    "model.routing.roaming_sample_step": integer(-1),
     "model.routing.num_experts": POSITIVE,
     "model.routing.top_k": POSITIVE,
     "model.routing.integration": TEXT,
@@ -123,6 +128,8 @@ FIELD_RULES: dict[str, Rule] = {
     "model.ffn.static_capacity": number(gt=0),
     "model.ffn.swiglu": BOOLEAN,
     "model.ffn.shared_experts": COUNT,
+    "model.ffn.capacity_schedule": STAGES,
+    "model.ffn.ec_inference": choice("static", "dynamic"),
     "model.ffn.interval_threshold": FRACTION,
     "model.unet.model_channels": POSITIVE,
     "model.unet.channel_mult": MULTIPLIERS,

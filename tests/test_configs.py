@@ -22,6 +22,8 @@ def config_specs():
             specs += [f"{path}:{k}" for k in range(4)]
         elif name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
             specs += [path, f"{path}:ddpm", f"{path}:heun125"]
+            if name.startswith("ecdit_"):  # DiffMoE Table 8's dynamic intra-sample row
+                specs.append(f"{path}:dynamic")
         elif name.startswith("adm_"):
             specs += [path, f"{path}:dtr", f"{path}:random"]
             if "imagenet" in name:
@@ -67,7 +69,7 @@ def test_paper_configs_sample_with_the_papers_protocols():
         if name.startswith(("diffmoe_", "tcdit_", "ecdit_", "dense_")):
             variant = spec.partition(":")[2] or "flow"
             expected = {"flow": ("euler", 250, 0), "heun125": ("heun", 125, 0),
-                        "ddpm": ("ddpm", 250, 3)}[variant]
+                        "ddpm": ("ddpm", 250, 3), "dynamic": ("euler", 250, 0)}[variant]
             assert (s.sampler, s.num_steps, s.cfg_channels) == expected, spec
         elif name.startswith("dit_"):
             assert (s.sampler, s.num_steps, s.cfg_channels) == ("ddpm", 250, 3), spec

@@ -73,3 +73,27 @@ def test_peak_table_and_mfu():
     assert np.isclose(flops.mfu(694 * per_image, "H100", "bfloat16", 1), 0.5, atol=0.002)
     assert flops.sample_flops_per_image(xl, 250, cfg=True) == \
         2 * 2 * 250 * flops.forward_macs_per_image(xl)["total"]
+
+
+def test_swiglu_shared_experts_and_head_dim_against_hand_counts():
+    base = dict(name="DiT-S/2")
+    d, s, h, depth, layers = 384, 256, 1536, 12, 6  # mixtures in the 6 odd blocks
+    dense = flops.forward_macs_per_image(build_model(base))["total"]
+    # SwiGLU FFNs: gate, up (D x h) and down (h x D) instead of fc1, fc2 in every block.
+    swiglu = build_model(dict(base, ffn=dict(swiglu=True)))
+    assert flops.forward_macs_per_image(swiglu)["total"] == dense + depth * s * d * h
+    # DiffMoE's shared expert: one GELU MLP D -> 2h -> D per mixture layer, on every token.
+    plain = flops.forward_macs_per_image(build_model(dict(base, ffn=dict(kind="diffmoe"))))
+    shared = build_model(dict(base, ffn=dict(kind="diffmoe", shared_experts=1)))
+    assert flops.forward_macs_per_image(shared)["total"] == \
+        plain["total"] + layers * s * 2 * d * 2 * h
+    # TC-DiT's shared SwiGLU of width 2·D: three D x 2D matmuls per token.
+    tc = dict(base, ffn=dict(kind="token_choice", num_experts=8))
+    tc_plain = flops.forward_macs_per_image(build_model(tc))["total"]
+    tc_shared = build_model(dict(tc, ffn=dict(tc["ffn"], shared_experts=2)))
+    assert flops.forward_macs_per_image(tc_shared)["total"] == \
+        tc_plain + layers * s * 3 * d * 2 * d
+    # head_dim 32 with 6 heads: qkv D -> 3·192, proj 192 -> D, QKᵀ and PV over 192 features.
+    narrow = flops.forward_macs_per_image(build_model(dict(base, head_dim=32)))
+    assert narrow["attention"] == depth * s * (3 * d * 192 + 192 * d + 2 * s * 192)
+    assert narrow["total"] == dense - depth * s * (4 * d * 192 + 2 * s * 192)

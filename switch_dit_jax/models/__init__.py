@@ -14,8 +14,9 @@ from switch_dit_jax.models.unet import DEFAULT_CHANNEL_MULT, NORM_GROUPS, UNet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# "cdtr" / "ercddt": DTR Table 8's clustered masking baselines (models/dtr.py).
-ROUTING_KINDS = ("none", "dtr", "random", "switch", "cdtr", "ercddt")
+# "cdtr" / "ercddt": DTR Table 8's clustered masking baselines (models/dtr.py); "maxroaming":
+# its MaxRoaming row (models/roaming.py).
+ROUTING_KINDS = ("none", "dtr", "random", "switch", "cdtr", "ercddt", "maxroaming")
 # Fields of `config.model.routing` (task routing) and their defaults.
 ROUTING_DEFAULTS = dict(
     kind="none",                  # "none" | "dtr" (DTR) | "random" (R-TR) | "switch" (Switch-DiT)
@@ -23,7 +24,10 @@ ROUTING_DEFAULTS = dict(
     alpha=4.0,                    # DTR window shift exponent (also Switch-DiT's prior map)
     beta=0.8,                     # DTR / R-TR activated channel fraction
     seed=0,                       # R-TR channels (one table per block) / random allocation
-    clusters=8,                   # CDTR / ERCDDT timestep clusters (DTR Table 8: 8)
+    clusters=8,                   # CDTR / ERCDDT / MaxRoaming timestep clusters (DTR Table 8: 8)
+    roaming_period=1000,          # MaxRoaming: training steps between two channel swaps
+    roaming_sample_step=-1,       # MaxRoaming masks outside training: those of this step
+                                  # (-1 = after every swap, the partitions training ends with)
     num_experts=3,                # Switch-DiT M
     top_k=2,                      # Switch-DiT k
     integration="mask_skip_init",  # "direct" | "mask" | "mask_skip" | "mask_skip_init"
@@ -46,6 +50,8 @@ FFN_DEFAULTS = dict(
     static_capacity=1.0,      # C of the static inference (DiffMoE Table 4: 0.9, 0.95, 1)
     swiglu=False,             # SwiGLU experts and dense FFNs (official use_swiglu)
     shared_experts=0,         # official n_shared_experts: an always-on expert (moe.shared_expert)
+    ec_inference="static",    # EC-DiT: "static" top-K' | "dynamic" (per-sample predictor + τ)
+    capacity_schedule=(),     # DiffMoE (stage_I_iters, stage_II_iters): C = E, then down to C
 )
 
 BACKBONES = ("dit", "adm")
@@ -119,6 +125,15 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
                          f"{cfg['num_experts']}.")
     if not cfg["capacity"] > 0:
         raise ValueError(f"model.ffn.capacity={cfg['capacity']} must be > 0.")
+    sched = tuple(cfg["capacity_schedule"] or ())
+    if sched and not (len(sched) == 2 and all(isinstance(v, int) for v in sched)
+                      and 0 <= sched[0] < sched[1]):
+        raise ValueError(f"model.ffn.capacity_schedule={sched!r} must be () or two training "
+                         "steps (stage_I_iters, stage_II_iters) with 0 <= stage I < stage II.")
+    cfg["capacity_schedule"] = sched
+    if cfg["ec_inference"] not in ("static", "dynamic"):
+        raise ValueError(f"model.ffn.ec_inference={cfg['ec_inference']!r}; use 'static' or "
+                         "'dynamic'.")
     if cfg["inference"] not in ("dynamic", "interval", "static"):
         raise ValueError(f"model.ffn.inference={cfg['inference']!r}; use 'dynamic', "
                          "'interval' or 'static'.")
@@ -142,6 +157,15 @@ def resolve_routing(routing: Mapping[str, Any] | None) -> dict[str, Any]:
             and 1 <= cfg["top_k"] <= cfg["num_experts"]):
         raise ValueError(f"model.routing.top_k={cfg['top_k']!r} must be an integer in [1, "
                          f"num_experts={cfg['num_experts']!r}].")
+    if not (isinstance(cfg["roaming_period"], int) and cfg["roaming_period"] >= 1):
+        raise ValueError(f"model.routing.roaming_period={cfg['roaming_period']!r} must be a "
+                         "positive integer (training steps between MaxRoaming swaps).")
+    if not (isinstance(cfg["roaming_sample_step"], int) and cfg["roaming_sample_step"] >= -1):
+        raise ValueError(f"model.routing.roaming_sample_step={cfg['roaming_sample_step']!r} "
+                         "must be -1 (after every swap) or a training step >= 0.")
+    if cfg["kind"] == "maxroaming" and not 1 <= cfg["clusters"] <= cfg["num_tasks"]:
+        raise ValueError(f"model.routing.clusters={cfg['clusters']} must be in [1, num_tasks="
+                         f"{cfg['num_tasks']}] (MaxRoaming has one task per timestep cluster).")
     if cfg["integration"] not in INTEGRATIONS:
         raise ValueError(f"model.routing.integration={cfg['integration']!r}; use one of "
                          f"{list(INTEGRATIONS)}.")

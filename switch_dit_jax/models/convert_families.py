@@ -20,6 +20,9 @@ without interleave, every block (first=0, every=1). Settings that no tensor reco
 from the official run's config: TC-DiT's `MoE_config.capacity` is its experts per token
 (model.ffn.top_k), EC-DiT's and DiffMoE's is model.ffn.capacity; the tables the official
 models store (DTR masks, the prior map, DiffMoE's EMA decay) are checked against the config.
+With model.ffn.swiglu (the DiffMoE repository's use_swiglu) every FFN is a bias-free MoeMLP
+(`gate_proj`, `up_proj`, `down_proj`), dense blocks and experts alike. R-TR checkpoints do not
+import: their random tables are not this package's (seed, block) draws.
 """
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 1, 0)
 
 
-def backbone_table(depth: int, has_labels: bool, moe_blocks: frozenset[int] = frozenset()
-                   ) -> Table:
+def backbone_table(depth: int, has_labels: bool, moe_blocks: frozenset[int] = frozenset(),
+                   swiglu: bool = False) -> Table:
     """The DiT keys shared by every family, with the dense FFN in blocks not in `moe_blocks`
     (`pos_embed` excluded: its Buffer needs the model's sizes)."""
     table: Table = {
@@ -74,7 +77,11 @@ def backbone_table(depth: int, has_labels: bool, moe_blocks: frozenset[int] = fr
     for i in range(depth):
         parts = [("attn.qkv", ("attn", "qkv")), ("attn.proj", ("attn", "proj")),
                  ("adaLN_modulation.1", ("adaLN_modulation", "linear"))]
-        if i not in moe_blocks:
+        if i not in moe_blocks and swiglu:  # DiffMoE's MoeMLP: bias-free gate, up, down
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                table.update(linear(f"blocks.{i}.mlp.{proj}", (f"blocks_{i}", "mlp", proj),
+                                    bias=False))
+        elif i not in moe_blocks:
             parts += [("mlp.fc1", ("mlp", "fc1")), ("mlp.fc2", ("mlp", "fc2"))]
         for torch_name, flax_path in parts:
             table.update(linear(f"blocks.{i}.{torch_name}", (f"blocks_{i}",) + flax_path))
@@ -84,10 +91,17 @@ def backbone_table(depth: int, has_labels: bool, moe_blocks: frozenset[int] = fr
     return table
 
 
-def _experts(prefix: str, block: str, num_experts: int) -> Table:
-    """`prefix.experts.e.fc{1,2}` (one timm Mlp per expert) -> the stacked expert weights."""
+def _experts(prefix: str, block: str, num_experts: int, swiglu: bool = False) -> Table:
+    """`prefix.experts.e.fc{1,2}` (one timm Mlp per expert), or with `swiglu`
+    `prefix.experts.e.{gate,up,down}_proj` (one bias-free MoeMLP per expert) -> the stacked
+    expert weights."""
     table: Table = {}
     for e in range(num_experts):
+        if swiglu:
+            table.update({f"{prefix}.experts.{e}.{proj}_proj.weight":
+                          Param((block, "mlp", "experts", f"{proj}_kernel"), np.transpose, e)
+                          for proj in ("gate", "up", "down")})
+            continue
         for fc in ("fc1", "fc2"):
             table.update({f"{prefix}.experts.{e}.{fc}.weight":
                           Param((block, "mlp", "experts", f"{fc}_kernel"), np.transpose, e),
@@ -104,7 +118,7 @@ def _router(key: str, block: str) -> Table:
 def _moe_table(family: str, i: int, model, state_dict: Mapping[str, Any]) -> Table:
     ffn, d = model.ffn, model.hidden_size
     prefix, block = f"blocks.{i}.mlp", f"blocks_{i}"
-    table = _experts(prefix, block, ffn["num_experts"])
+    table = _experts(prefix, block, ffn["num_experts"], ffn["swiglu"])
     if family == "diffmoe":
         table.update(_router(f"{prefix}.gate_weight", block))
         table.update(linear(f"{prefix}.capacity_predictor.0", (block, "mlp", "capacity_fc1")))
@@ -170,6 +184,9 @@ def check_config(family: str, model) -> None:
     if f["kind"] != ffn_kind:
         raise ConfigError(f"model.ffn.kind={f['kind']!r}, but {repo} checkpoints need "
                           f"model.ffn.kind={ffn_kind!r}.")
+    if f.get("swiglu") and not repo.startswith("KwaiVGI"):
+        raise ConfigError(f"model.ffn.swiglu=True, but {repo} checkpoints have GELU MLPs; set "
+                          "model.ffn.swiglu=False.")
     if r["kind"] == "switch":
         for field, official in (("integration", "mask_skip_init"), ("allocation", "learned"),
                                 ("noisy_gating", False)):
@@ -197,7 +214,8 @@ def family_table(family: str, model, state_dict: Mapping[str, Any], has_labels: 
         # The table's entries lie in [-1, 1]: 1e-2 admits a bfloat16 / float16 copy of it
         # (error <= 4e-3) and still refuses any other table, whose entries differ by O(1).
         atol=1e-2)}
-    table.update(backbone_table(model.depth, has_labels, blocks))
+    table.update(backbone_table(model.depth, has_labels, blocks,
+                                bool((model.ffn or {}).get("swiglu"))))
     for i in sorted(blocks):
         table.update(_moe_table(family, i, model, state_dict))
     table.update(_routing_table(family, model))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import dtr, layers
+from switch_dit_jax.models import dtr, layers, roaming
 from switch_dit_jax.models import moe
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
@@ -153,12 +153,14 @@ class DiT(nn.Module):
                                      threshold_decay=f["threshold_decay"],
                                      inference=f["inference"],
                                      interval_threshold=f["interval_threshold"],
-                                     static_capacity=f["static_capacity"], **common)
+                                     static_capacity=f["static_capacity"],
+                                     capacity_schedule=tuple(f["capacity_schedule"]), **common)
         if kind == "token_choice":
             return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
                                      **common)
         return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
-                                 **common)
+                                 dynamic=f["ec_inference"] == "dynamic",
+                                 threshold_decay=f["threshold_decay"], **common)
 
     @property
     def routing_kind(self) -> str:
@@ -241,6 +243,8 @@ class DiT(nn.Module):
             elif self.routing_kind == "random":
                 mask = dtr.random_mask_rows(r["seed"], i, t, self.hidden_size,
                                             r["beta"])[:, None, :]
+            elif self.routing_kind == "maxroaming":
+                mask = roaming.block_rows(self, i, t)[:, None, :]
             elif self.routing_kind == "switch":
                 mask = SwitchRouter(
                     r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],

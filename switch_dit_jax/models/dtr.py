@@ -18,7 +18,7 @@ import numpy as np
 from switch_dit_jax.diffusion.weighting import cluster_bounds
 
 
-def _num_active(channels: int, beta: float) -> int:
+def num_active(channels: int, beta: float) -> int:
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"routing.beta={beta} must be in (0, 1] (the activated fraction).")
     return int(beta * channels)
@@ -31,7 +31,7 @@ def dtr_masks(num_tasks: int, channels: int, alpha: float = 4.0, beta: float = 0
     round-half-to-even, as the official code computes it (the paper's Eq. 4 floors the two ends
     of a half-open window instead, which shifts a few rows by one channel).
     """
-    active = _num_active(channels, beta)
+    active = num_active(channels, beta)
     start = np.round((channels - active) * np.linspace(0.0, 1.0, num_tasks) ** alpha)
     start = start.astype(np.int64)
     columns = np.arange(channels)[None, :]
@@ -48,7 +48,7 @@ def random_mask_rows(seed: int, block: int, t: jax.Array, channels: int,
     independent draw, as the DTR paper's text and its expected-overlap analysis (Appendix B)
     describe; its pseudo code's single column shuffle would give every task the same channels.
     """
-    active = _num_active(channels, beta)
+    active = num_active(channels, beta)
     block_key = jax.random.fold_in(jax.random.PRNGKey(seed), block)
 
     def row(task):

@@ -7,7 +7,9 @@ matmuls per forward matmul); classifier-free-guided sampling runs the model on 2
 
 Mixtures count their activated experts: DiffMoE and EC-DiT process C experts per token on
 average (C_train in training, the measured C_infer at inference), TC-DiT top_k per token. Each
-mixture layer adds its router, and DiffMoE its capacity predictor (D·D + D·E per token).
+mixture layer adds its router, DiffMoE its capacity predictor (D·D + D·E per token), and a
+shared expert runs on every token. SwiGLU FFNs count three matmuls, the MLP two; attention
+counts heads·head_dim features (DiffMoE's head_dim option).
 Switch-DiT adds per block one D×D mask matmul per token (the per-sample mixed experts) and,
 per step rather than per image, the gates of all T timesteps for the diffusion prior.
 """
@@ -35,21 +37,32 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+def _shared_macs(f: dict, d: int, hidden: int) -> float:
+    """MACs per token of a mixture's shared expert (moe.shared_expert): DiffMoE's GELU MLP
+    of width 2·hidden, TC-/EC-DiT's SwiGLU of width count·D (three D x width matmuls)."""
+    count = f.get("shared_experts", 0)
+    if count == 0:
+        return 0
+    return 2 * d * (2 * hidden) if f["kind"] == "diffmoe" else 3 * d * (count * d)
+
+
 def _ffn_macs(model, block: int, capacity: float | None) -> float:
     """MACs per token of block `block`'s feed-forward network."""
     d = model.hidden_size
     hidden = int(d * model.mlp_ratio)
-    dense = 2 * d * hidden
     f = model.ffn or {}
+    # SwiGLU (use_swiglu): gate, up and down projections; the MLP: fc1 and fc2.
+    dense = (3 if f.get("swiglu") else 2) * d * hidden
     kind = f.get("kind", "mlp")
     if kind == "mlp" or block < f["first"] or (block - f["first"]) % f["every"]:
         return dense
     e = f["num_experts"]
+    shared = _shared_macs(f, d, hidden)
     if kind == "token_choice":
-        return d * e + f["top_k"] * dense
+        return d * e + f["top_k"] * dense + shared
     c = f["capacity"] if capacity is None else capacity
     predictor = d * d + d * e if kind == "diffmoe" else 0
-    return d * e + predictor + c * dense
+    return d * e + predictor + c * dense + shared
 
 
 def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, float]:
@@ -59,11 +72,13 @@ def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, fl
     measured C_infer for DiffMoE inference).
     """
     d, p, s = model.hidden_size, model.patch_size, model.grid_size ** 2
+    inner = model.num_heads * (model.head_dim or d // model.num_heads)  # heads · head_dim
     adaln = 6 * d * d
     parts = {
         "patch_embed": s * model.in_channels * p * p * d,
         "conditioning": FREQUENCY_FEATURES * d + d * d,
-        "attention": model.depth * s * (4 * d * d + 2 * s * d),  # qkv, proj; QKᵀ and PV
+        # qkv (D -> 3·inner), proj (inner -> D); QKᵀ and PV
+        "attention": model.depth * s * (4 * d * inner + 2 * s * inner),
         "ffn": sum(s * _ffn_macs(model, i, capacity) for i in range(model.depth)),
         "adaln": model.depth * adaln + 2 * d * d,
         "final_layer": s * d * p * p * model.out_channels,

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from switch_dit_jax.models import expert_parallel, layers
+from switch_dit_jax.models import expert_parallel, layers, schedule
 
 MOE_KINDS = ("mlp", "diffmoe", "token_choice", "expert_choice")
 
@@ -151,6 +151,9 @@ class DiffMoE(nn.Module):
     inference_buckets: int = 6
     swiglu: bool = False                  # SwiGLU experts (official use_swiglu)
     shared_experts: int = 0               # official n_shared_experts (see shared_expert)
+    # Official capacity_schedule (stage_I_iters, stage_II_iters): C_train = E up to stage I,
+    # then linear down to `capacity` at stage II (schedule.scheduled_capacity); () = off.
+    capacity_schedule: tuple = ()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -170,8 +173,13 @@ class DiffMoE(nn.Module):
         pool = pool.astype(self.dtype)
 
         if train:
+            step = schedule.current_step(self)
+            inputs = experts
+            if self.capacity_schedule and step is not None:
+                c = schedule.scheduled_capacity(step, self.capacity, e, *self.capacity_schedule)
+                inputs = {**experts, "train_capacity": jnp.full((e,), c)}
             y, per_token, per_expert = expert_parallel.run(self._train_local, pool, routing,
-                                                           experts)
+                                                           inputs)
             self.sow("aux", "capacity_logits", pred_logits)
             self.sow("aux", "dispatch", per_token["dispatch"])
             if not self.is_initializing():
@@ -195,11 +203,29 @@ class DiffMoE(nn.Module):
     def _train_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
         k = self._top_k(self.capacity, pool_size)
-        y, index = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
+        if "train_capacity" not in experts:
+            return self._train_top_k(pool, routing, experts, k, k)
+        weights = {name: w for name, w in experts.items() if name != "train_capacity"}
+        c = experts["train_capacity"][0]
+        # The official int((S / E) · C), in the same order of operations.
+        k_now = jnp.clip(jnp.floor(pool_size / self.num_experts * c).astype(jnp.int32), 1,
+                         pool_size)
+        # Above C_train every expert may need the whole pool, with the tokens past k_now
+        # masked; once the schedule has ended the plain top-k runs (one branch executes).
+        return jax.lax.cond(
+            c > self.capacity,
+            lambda: self._train_top_k(pool, routing, weights, pool_size, k_now),
+            lambda: self._train_top_k(pool, routing, weights, k, k))
+
+    def _train_top_k(self, pool, routing, experts, size, k):
+        """Every expert's best `size` tokens of which the first k (static or traced) count."""
+        pool_size, e = routing["scores"].shape
+        keep = (jnp.arange(size)[None] < k).astype(jnp.float32) * jnp.ones((e, 1))
+        y, index = _expert_choice(pool, routing["scores"], keep, experts)
         dispatch = jnp.zeros((e, pool_size), jnp.float32).at[
-            jnp.arange(e)[:, None], index].set(1.0).T  # [P, e]
-        kth = jax.lax.top_k(routing["predicted"].T, k)[0][:, -1]  # [e]
-        capacity = jnp.full((e,), k * self.num_experts / pool_size)
+            jnp.arange(e)[:, None], index].set(keep).T  # [P, e]
+        kth = jax.lax.top_k(routing["predicted"].T, size)[0][:, k - 1]  # [e]
+        capacity = jnp.full((e,), k * self.num_experts / pool_size, jnp.float32)
         return y, {"dispatch": dispatch}, {"kth": kth, "capacity": capacity}
 
     def _top_k(self, capacity: float, pool_size: int) -> int:
@@ -285,12 +311,24 @@ def _token_choice_local(pool, routing, experts):
 
 
 class ExpertChoiceMoE(nn.Module):
-    """EC-DiT: within each sample, every expert takes its top K' = int(S / E · C) tokens."""
+    """EC-DiT: within each sample, every expert takes its top K' = int(S / E · C) tokens.
+
+    With `dynamic` (DiffMoE Table 8, "Local Dynamic Intra-sample Routing"), the layer also
+    learns DiffMoE's capacity predictor and thresholds, confined to each sample: in training
+    the BCE target is the per-sample dispatch and q is the mean over samples of each
+    sample's K'-th predicted probability; in inference expert e takes, in each sample, the
+    #(sigmoid(pred_e) > τ_e) tokens of that sample with the highest gate scores. The paper
+    only names this baseline (the official EC-DiT has no predictor); this is DiffMoE's
+    mechanism with the global pool replaced by the sample. Every expert then runs all S
+    tokens of a sample, those past its count masked.
+    """
     num_experts: int
     hidden_features: int
     capacity: float = 1.0
     swiglu: bool = False
     shared_experts: int = 0
+    dynamic: bool = False
+    threshold_decay: float = 0.95
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -301,20 +339,60 @@ class ExpertChoiceMoE(nn.Module):
         shared = shared_expert("expert_choice", self.shared_experts, self.hidden_features,
                                self.dtype)
         pool = x.reshape(b * s, d)
-        scores = jax.nn.softmax(_router_logits(self, pool, e), axis=-1)  # [P, E]
+        routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
         experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
+        if self.dynamic:
+            predictor = nn.Sequential([
+                layers.dense(d, ("embed", "mlp"), jnp.float32, name="capacity_fc1"), nn.silu,
+                layers.dense(e, ("mlp", "experts"), jnp.float32, name="capacity_fc2")])
+            pred_logits = predictor(jax.lax.stop_gradient(pool))
+            routing["predicted"] = jax.nn.sigmoid(pred_logits)
+            threshold = self.variable("moe_state", "threshold",
+                                      lambda: jnp.zeros((e,), jnp.float32))
+
+        def split(pool, routing):
+            e_local = routing["scores"].shape[-1]
+            return (pool.reshape(-1, s, d),
+                    {n: r.reshape(-1, s, e_local) for n, r in routing.items()}, e_local)
 
         def local(pool, routing, experts):  # samples are whole within a pool
-            def one_sample(tokens, sample_scores):
-                return _expert_choice(tokens, sample_scores, jnp.ones((e_local, k)),
-                                      experts)[0]
-            e_local = routing["scores"].shape[-1]
-            y = jax.vmap(one_sample)(pool.reshape(-1, s, d),
-                                     routing["scores"].reshape(-1, s, e_local))
-            return y.reshape(-1, d), {}, {}
+            tokens, per_sample, e_local = split(pool, routing)
 
-        y, _, _ = expert_parallel.run(local, pool.astype(self.dtype), {"scores": scores},
-                                      experts)
-        self.sow("aux", "capacity", jnp.full((e,), k * e / s))
+            def one_sample(tokens, r):
+                y, index = _expert_choice(tokens, r["scores"], jnp.ones((e_local, k)), experts)
+                dispatch = jnp.zeros((e_local, s), jnp.float32).at[
+                    jnp.arange(e_local)[:, None], index].set(1.0).T
+                kth = (jax.lax.top_k(r["predicted"].T, k)[0][:, -1] if "predicted" in r
+                       else jnp.zeros((e_local,)))
+                return y, dispatch, kth
+            y, dispatch, kth = jax.vmap(one_sample)(tokens, per_sample)
+            return (y.reshape(-1, d), {"dispatch": dispatch.reshape(-1, e_local)},
+                    {"kth": kth.mean(0), "capacity": jnp.full((e_local,), k * e / s)})
+
+        def local_dynamic(pool, routing, experts):
+            tokens, per_sample, e_local = split(pool, routing)
+            weights = {n: w for n, w in experts.items() if n != "threshold"}
+
+            def one_sample(tokens, r):
+                count = jnp.sum(r["predicted"] > experts["threshold"][None], axis=0)  # [e]
+                keep = (jnp.arange(s)[None] < count[:, None]).astype(jnp.float32)
+                return _expert_choice(tokens, r["scores"], keep, weights)[0], count
+            y, count = jax.vmap(one_sample)(tokens, per_sample)
+            capacity = count.astype(jnp.float32).mean(0) * e / s
+            return y.reshape(-1, d), {}, {"capacity": capacity}
+
+        pool = pool.astype(self.dtype)
+        if self.dynamic and not train:
+            y, _, per_expert = expert_parallel.run(
+                local_dynamic, pool, routing, {**experts, "threshold": threshold.value})
+        else:
+            y, per_token, per_expert = expert_parallel.run(local, pool, routing, experts)
+            if self.dynamic:
+                self.sow("aux", "capacity_logits", pred_logits)
+                self.sow("aux", "dispatch", per_token["dispatch"])
+                if not self.is_initializing():
+                    threshold.value = (self.threshold_decay * threshold.value
+                                       + (1 - self.threshold_decay) * per_expert["kth"])
+        self.sow("aux", "capacity", per_expert["capacity"])
         y = y.reshape(b, s, d)
         return y if shared is None else y + shared(x, train).astype(jnp.float32)

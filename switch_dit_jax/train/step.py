@@ -15,7 +15,7 @@ import optax
 from switch_dit_jax.diffusion import weighting
 from switch_dit_jax.diffusion.flow import RectifiedFlow
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
-from switch_dit_jax.models import switch
+from switch_dit_jax.models import schedule, switch
 from switch_dit_jax.train.guard import FINITE
 from switch_dit_jax.train.metrics import BUCKET_COUNTS, BUCKET_SUMS
 from switch_dit_jax.train.state import (UW_PARAMS, TrainState, learning_rate_schedule,
@@ -178,6 +178,7 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
                      if getattr(model, "num_classes", 1) > 1 else 0.0)
         null_y = getattr(model, "num_classes", 0)
         net = model.clone(class_dropout_prob=0.0) if drop_prob > 0 else model
+    reads_step = schedule.needs_step(model)  # MaxRoaming masks, DiffMoE capacity_schedule
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
@@ -201,13 +202,17 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
         if num_buckets:
             samples["bucket"] = timestep_buckets(t, num_buckets, horizon)
 
+        step_variables = (schedule.schedule_variables(model.depth, state.step) if reads_step
+                          else {})
+
         def loss_fn(params, micro, k_model):
             k_dropout, k_gate = jax.random.split(k_model)
             sown, new_model_state = {}, {}
 
             def model_fn(x_t, t_model):
                 out, mutated = net.apply(
-                    {"params": model_params(params), **state.model_state}, x_t, t_model,
+                    {"params": model_params(params), **state.model_state, **step_variables},
+                    x_t, t_model,
                     micro["y"], train=True, rngs={"dropout": k_dropout, "gating": k_gate},
                     mutable=["aux", *state.model_state])
                 sown.update(mutated.pop("aux", {}))
