@@ -2,12 +2,16 @@
 
     python benchmarks/computation_table.py                       # S, B, L at batch 256 (GPU)
     python benchmarks/computation_table.py --sizes=S --batch=4 --steps=3   # a few CPU minutes
+    python benchmarks/computation_table.py --methods=adm,adm_dtr --batch=2 --steps=1  # ADM-64
 
 For DiT, DiT + DTR and Switch-DiT at each size: parameters, GFLOPs per image (one forward pass
 of a 256x256 image's 32x32x4 latent, matmul multiply-accumulates: the DiT paper's convention,
 from switch_dit_jax/models/flops.py) and training iterations per second of the compiled train
 step (synthetic batch, median of timed windows after warm-up; data loading not included),
-next to the papers' numbers. The papers timed batch 256 on their GPUs; iterations/s from
+next to the papers' numbers. `adm` and `adm_dtr` are ADM's ImageNet 64x64 UNet (configs/
+adm_imagenet64.py, 64x64x3 pixels; one row each, whatever --sizes), counted as
+models/flops.py describes (3x3 convolutions as 9·C_in·C_out per output pixel); the DTR paper
+reports no GFLOPs for ADM. The papers timed batch 256 on their GPUs; iterations/s from
 another batch or machine compare methods with each other, not with the papers.
 
 Switch-DiT's GFLOPs differ from the paper's because the computation differs: the official
@@ -32,7 +36,8 @@ from switch_dit_jax.train.state import count_params
 from synthetic_step import synthetic_step
 
 flags.DEFINE_list("sizes", ["S", "B", "L"], "DiT sizes (S, B, L, XL), patch 2.")
-flags.DEFINE_list("methods", ["dit", "dtr", "switch"], "Methods: dit, dtr, switch.")
+flags.DEFINE_list("methods", ["dit", "dtr", "switch"],
+                  "Methods: dit, dtr, switch (per size); adm, adm_dtr (ADM ImageNet-64).")
 flags.DEFINE_integer("batch", 256, "Global batch size of the timed train step.")
 flags.DEFINE_integer("warmup", 2, "Steps after compilation before timing.")
 flags.DEFINE_integer("windows", 3, "Timed windows; the median is reported.")
@@ -41,7 +46,9 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul d
 flags.DEFINE_string("out", "", "Optional path of a JSON file for the rows.")
 FLAGS = flags.FLAGS
 
-METHOD_NAMES = {"dit": "DiT-{}/2", "dtr": "DiT-{}/2 + DTR", "switch": "Switch-DiT-{}"}
+METHOD_NAMES = {"dit": "DiT-{}/2", "dtr": "DiT-{}/2 + DTR", "switch": "Switch-DiT-{}",
+                "adm": "ADM-64", "adm_dtr": "ADM-64 + DTR"}
+ADM_METHODS = ("adm", "adm_dtr")
 # (GFLOPs, iterations/s) of DTR Table 7 (S, B, L) and GFLOPs of Switch-DiT Table 2 (S, B, XL).
 PAPER = {
     ("dit", "S"): (6.06, 8.19), ("dtr", "S"): (6.06, 8.14), ("switch", "S"): (6.74, None),
@@ -58,11 +65,15 @@ def method_config(method: str, size: str):
         c = config_base.dtr_config(name)
     elif method == "switch":
         c = config_base.switchdit_config(name)
+    elif method in ADM_METHODS:
+        c = config_base.adm_imagenet64_unet(
+            config_base.adm_pixel_config("dtr" if method == "adm_dtr" else ""))
+        c.model.num_classes = 1000
     elif method == "dit":
         c = config_base.get_base_config()
         c.model.name = name
     else:
-        raise ValueError(f"--methods has {method!r}; use dit, dtr or switch.")
+        raise ValueError(f"--methods has {method!r}; use dit, dtr, switch, adm or adm_dtr.")
     c.model.compute_dtype = FLAGS.compute_dtype
     c.train.global_batch_size = FLAGS.batch
     return c
@@ -109,19 +120,21 @@ def main(argv):
     header = (f"{'method':<18} {'params':>8} {'GFLOPs':>8} {'paper':>7} "
               f"{'iters/s':>8} {'paper':>6}")
     print(f"machine: {machine()}")
-    print(f"train step: batch {FLAGS.batch}, {FLAGS.compute_dtype}, 32x32x4 latents, median of "
-          f"{FLAGS.windows} x {FLAGS.steps} steps")
+    print(f"train step: batch {FLAGS.batch}, {FLAGS.compute_dtype}, 32x32x4 latents (ADM: "
+          f"64x64x3 pixels), median of {FLAGS.windows} x {FLAGS.steps} steps")
     print(header)
-    for size in FLAGS.sizes:
-        for method in FLAGS.methods:
-            row = {"method": METHOD_NAMES[method].format(size), **measure(
-                method_config(method, size))}
-            paper_gflops, paper_iters = PAPER.get((method, size), (None, None))
-            row.update(paper_gflops=paper_gflops, paper_iters_per_s=paper_iters)
-            rows.append(row)
-            print(f"{row['method']:<18} {row['params_m']:>7.1f}M {row['gflops']:>8.2f} "
-                  f"{paper_gflops if paper_gflops else '-':>7} {row['iters_per_s']:>8.3f} "
-                  f"{paper_iters if paper_iters else '-':>6}", flush=True)
+    dit_methods = [m for m in FLAGS.methods if m not in ADM_METHODS]
+    runs = [(size, m) for size in FLAGS.sizes for m in dit_methods]
+    runs += [("", m) for m in FLAGS.methods if m in ADM_METHODS]
+    for size, method in runs:
+        row = {"method": METHOD_NAMES[method].format(size), **measure(
+            method_config(method, size))}
+        paper_gflops, paper_iters = PAPER.get((method, size), (None, None))
+        row.update(paper_gflops=paper_gflops, paper_iters_per_s=paper_iters)
+        rows.append(row)
+        print(f"{row['method']:<18} {row['params_m']:>7.1f}M {row['gflops']:>8.2f} "
+              f"{paper_gflops if paper_gflops else '-':>7} {row['iters_per_s']:>8.3f} "
+              f"{paper_iters if paper_iters else '-':>6}", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w", encoding="utf-8") as f:
             json.dump({"machine": machine(), "batch": FLAGS.batch, "rows": rows}, f, indent=1)

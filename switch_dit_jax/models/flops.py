@@ -12,8 +12,16 @@ shared expert runs on every token. SwiGLU FFNs count three matmuls, the MLP two;
 counts heads·head_dim features (DiffMoE's head_dim option).
 Switch-DiT adds per block one D×D mask matmul per token (the per-sample mixed experts) and,
 per step rather than per image, the gates of all T timesteps for the diffusion prior.
+
+The ADM UNet (backbone "adm") counts its convolutions as k²·C_in·C_out per output position
+(zero padding included, as fvcore and the DiT count do), its attention blocks as the DiT's
+(qkv, QKᵀ, PV, proj), and its per-image dense layers (timestep MLP, each ResBlock's embedding
+projection); GroupNorm, SiLU, resampling by pooling/repeat and the skip additions are
+elementwise and left out, as the DiT's LayerNorms and modulations are.
 """
 from __future__ import annotations
+
+from switch_dit_jax.models.unet import UNet
 
 FREQUENCY_FEATURES = 256  # sinusoidal timestep features entering the timestep MLP
 
@@ -68,9 +76,11 @@ def _ffn_macs(model, block: int, capacity: float | None) -> float:
 def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, float]:
     """MACs of one forward pass per image, by part, and their "total".
 
-    `model` is a built DiT (models.build_model); `capacity` overrides the mixtures' C (e.g. a
-    measured C_infer for DiffMoE inference).
+    `model` is a built DiT or ADM UNet (models.build_model); `capacity` overrides the
+    mixtures' C (e.g. a measured C_infer for DiffMoE inference).
     """
+    if isinstance(model, UNet):
+        return unet_forward_macs_per_image(model)
     d, p, s = model.hidden_size, model.patch_size, model.grid_size ** 2
     inner = model.num_heads * (model.head_dim or d // model.num_heads)  # heads · head_dim
     adaln = 6 * d * d
@@ -86,6 +96,56 @@ def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, fl
     if model.routing_kind == "switch":
         m_exp = model.routing["num_experts"]
         parts["switch_mask"] = model.depth * (s * d * d + m_exp * d * d)  # mix, then apply
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _conv_taps(size: int, kernel: int, stride: int, count_padding: bool) -> int:
+    """Kernel taps summed over the output positions of one spatial axis of a 'same'-padded
+    convolution; without `count_padding`, only the taps that land inside the input (what
+    XLA's cost analysis counts)."""
+    out, pad = size // stride, kernel // 2
+    if count_padding:
+        return out * kernel
+    return sum(0 <= o * stride - pad + k < size for o in range(out) for k in range(kernel))
+
+
+def unet_forward_macs_per_image(model: UNet, count_padding: bool = True) -> dict[str, float]:
+    """MACs of one ADM UNet forward pass per image, by part, and their "total"; see the
+    module docstring for what counts. `count_padding=False` leaves out the kernel taps on
+    the zero padding of the convolutions, as XLA's cost analysis does."""
+    emb = 4 * model.model_channels
+    parts = dict(conditioning=model.model_channels * emb + emb * emb, resblocks=0.0,
+                 attention=0.0, resample=0.0, stem_and_out=0.0)
+
+    def conv(size, cin, cout, kernel=3, stride=1):
+        return _conv_taps(size, kernel, stride, count_padding) ** 2 * cin * cout
+
+    def layer_macs(layer, size):
+        """(part, MACs, spatial size after the layer) of one layout layer at `size`."""
+        c, out = layer.channels, layer.out_channels
+        if layer.kind == "res":
+            after = {"up": size * 2, "down": size // 2}.get(layer.updown, size)
+            parts["conditioning"] += emb * (2 * out if model.use_scale_shift_norm else out)
+            macs = conv(after, c, out) + conv(after, out, out)
+            if out != c:
+                macs += conv(after, c, out, kernel=1)
+            return "resblocks", macs, after
+        if layer.kind == "attn":
+            s = size * size
+            return "attention", s * (4 * c * c + 2 * s * c), size
+        if layer.kind == "down":
+            return "resample", conv(size, c, out, stride=2), size // 2
+        if layer.kind == "up":
+            return "resample", conv(2 * size, c, out), 2 * size
+        return "stem_and_out", conv(size, c, out), size
+
+    layout, size = model.layout(), model.input_size
+    for block in layout.input_blocks + (layout.middle_block,) + layout.output_blocks:
+        for layer in block:
+            part, macs, size = layer_macs(layer, size)
+            parts[part] += macs
+    parts["stem_and_out"] += conv(size, layout.out_channels_of_torso, model.out_channels)
     parts["total"] = sum(parts.values())
     return parts
 

@@ -18,7 +18,6 @@ from switch_dit_jax.data.captions import load_empty_caption, prompt_digits
 from switch_dit_jax.errors import BadFileError
 from switch_dit_jax.files import load_npz
 from switch_dit_jax.models import build_model, flops
-from switch_dit_jax.models.dit import DiT
 from switch_dit_jax.train import checkpoint as ckpt_lib
 from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import metrics as metrics_lib
@@ -164,7 +163,7 @@ def _train_flops_and_peak(model, config) -> tuple[float | None, float | None]:
     """(analytic FLOPs of one train step, peak FLOP/s of all devices) for the MFU of the
     progress line; (None, None) off the devices of flops.PEAK_FLOPS (e.g. on a CPU)."""
     peak = flops.peak_flops(jax.devices()[0].device_kind, config.model.compute_dtype)
-    if peak is None or not isinstance(model, DiT):
+    if peak is None:
         return None, None
     return (flops.train_flops_per_step(model, config.train.global_batch_size),
             peak * jax.device_count())
