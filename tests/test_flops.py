@@ -174,3 +174,16 @@ def test_training_log_mfu_counts_the_unet(monkeypatch):
     step_flops, peak = loop._train_flops_and_peak(model, config)
     assert step_flops == 6 * 4 * flops.forward_macs_per_image(model)["total"]
     assert peak == 1e12 * jax.device_count()
+
+
+def test_text_cross_attention_against_a_hand_count():
+    base = dict(name="custom", depth=2, hidden_size=64, num_heads=4, patch_size=2,
+                input_size=8, in_channels=4, num_classes=1)
+    plain = flops.forward_macs_per_image(build_model(base))
+    text = flops.forward_macs_per_image(build_model(dict(base, conditioning="text",
+                                                         text_width=48, text_length=10)))
+    s, d, length, dt = 16, 64, 10, 48
+    per_block = s * d * d * 2 + length * dt * d * 2 + s * length * d * 2  # q,proj; k,v; QKᵀ,PV
+    assert text["cross_attention"] == 2 * per_block
+    # The text model has no label table, which costs nothing: the rest is unchanged.
+    assert text["total"] - text["cross_attention"] == plain["total"]

@@ -93,6 +93,12 @@ def forward_macs_per_image(model, capacity: float | None = None) -> dict[str, fl
         "adaln": model.depth * adaln + 2 * d * d,
         "final_layer": s * d * p * p * model.out_channels,
     }
+    if getattr(model, "conditioning", "class") == "text":
+        # T2I cross-attention per block: q (D -> inner) and proj (inner -> D) per image token,
+        # k and v (D_text -> inner) per text token, QKᵀ and PV over the L text tokens.
+        length = model.text_length
+        parts["cross_attention"] = model.depth * (
+            s * 2 * d * inner + length * 2 * model.text_width * inner + 2 * s * length * inner)
     if model.routing_kind == "switch":
         m_exp = model.routing["num_experts"]
         parts["switch_mask"] = model.depth * (s * d * d + m_exp * d * d)  # mix, then apply
