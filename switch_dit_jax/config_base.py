@@ -4,6 +4,8 @@ Config files call `get_base_config()` and change what their model needs. The bas
 the package (not in `configs/`) so that it imports the same way from `main`, tests,
 benchmarks and notebooks, wherever the config file itself is.
 """
+import os
+
 from ml_collections import ConfigDict
 
 
@@ -340,6 +342,31 @@ def dense_config(size: str, objective: str) -> ConfigDict:
     else:
         c.model.name = f"DiT-{size}/2"
     return diffmoe_paper_protocol(c, objective)
+
+
+# Prompts of the in-training sample grids of the MS-COCO configs (configs/coco_prompts.txt).
+COCO_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "coco_prompts.txt")
+
+
+# (depth, width, heads) of DiffMoE's T2I models (Dense-DiT-T2I-Flow, DiffMoE-E16-T2I-Flow): the
+# paper gives only 1.2B dense / 4.6B total; see configs/dense_t2i.py for the derivation.
+T2I_SIZE = (24, 1536, 24)
+
+
+def use_text_conditioning(c: ConfigDict) -> ConfigDict:
+    """Text-to-image on MS-COCO 256x256 SD latents extracted with --source=coco: CLIP ViT-L/14
+    text tokens (77 x 768) through every block's cross-attention, caption dropout 0.1 for CFG
+    (DTR Appendix C). Pass --config.data.dir (the extracted latents) and
+    --config.text.encoder_dir (the CLIP directory, for the prompts of the sample grids)."""
+    c.model.conditioning = "text"
+    c.model.text_width = 768
+    c.model.text_length = 77
+    c.model.num_classes = 1
+    c.model.caption_dropout_prob = 0.1
+    c.data.name = "latents"
+    c.sample.prompts = COCO_PROMPTS
+    return c
 
 
 ADM_VARIANTS = {"": "none", "dtr": "dtr", "random": "random"}

@@ -40,6 +40,8 @@ def test_config_validates(spec):
     config = load_config(spec)
     if config.data.name != "digits":
         config.data.dir = "/data/latents"  # paper configs take it on the command line
+    if config.model.conditioning == "text" and not config.text.encoder_dir:
+        config.text.encoder_dir = "/models/clip-vit-large-patch14"  # likewise
     validate_config(config, num_devices=8)
 
 
@@ -88,3 +90,27 @@ def test_dense_table5_sizes_have_the_papers_parameter_counts():
                                 jax.random.PRNGKey(0))
         count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
         assert abs(count - paper) / paper < 1e-3, (size, count)
+
+
+def test_t2i_sizes_have_the_papers_parameter_counts():
+    """DiffMoE Table 7: Dense-DiT-T2I-Flow 1.2B; DiffMoE-E16-T2I-Flow 1.2B activated of 4.6B."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import flax.linen as nn
+
+    from switch_dit_jax.models import build_model, example_condition
+
+    def count(name):
+        model = build_model(load_config(os.path.join(ROOT, "configs", name)).model)
+        x = jnp.zeros((1, 32, 32, 4))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)),
+                                                   example_condition(model)))
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nn.unbox(shapes)["params"]))
+
+    dense, moe = count("dense_t2i.py"), count("diffmoe_e16_t2i.py")
+    d = 1536
+    expert = 8 * d * d + 5 * d  # fc1 (D -> 4D) and fc2 (4D -> D) with biases
+    activated = moe - 12 * 15 * expert  # 12 mixture layers, one expert's worth each at C = 1
+    assert round(dense / 1e9, 1) == 1.2 and round(activated / 1e9, 1) == 1.2
+    assert round(moe / 1e9, 1) == 4.6
