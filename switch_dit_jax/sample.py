@@ -151,7 +151,7 @@ def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=Non
     if apply_builder is None:
         apply_builder = functools.partial(model_apply_fn, model, on_capacity=on_capacity)
     if config.diffusion.objective == "flow":
-        return _flow_sample_fn(model, config, guided, apply_builder)
+        return _flow_sample_fn(model, config, guided, apply_builder, null)
     diffusion = sampling_diffusion(config)
 
     def sample(params, model_state, labels, key):
@@ -172,7 +172,7 @@ def make_sample_fn(model: nn.Module, config, on_capacity=None, apply_builder=Non
     return sample
 
 
-def _flow_sample_fn(model: nn.Module, config, guided: bool, apply_builder):
+def _flow_sample_fn(model: nn.Module, config, guided: bool, apply_builder, null):
     """Rectified flow: integrate the velocity from noise (t=0) to data (t=1)."""
     s = config.sample
     flow = RectifiedFlow()

@@ -214,13 +214,15 @@ def test_validation_of_digits_text_configs():
     from switch_dit_jax.config_base import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = load_config(os.path.join(root, "configs", "quickstart.py"),
-                    {"data.name": "digits_text", "model.num_classes": 1000})
+                    {"data.name": "digits_text", "model.num_classes": 1000,
+                     "model.conditioning": "text", "train.sample_every": 0})
     with pytest.raises(ValueError, match="config.text.encoder_dir is empty but "
                                          "data.name='digits_text'.*--config.text.encoder_dir"):
         validation.validate_config(c, 1)
     c.text.encoder_dir = "/somewhere/tiny_clip"
     validation.validate_config(c, 1)  # a text model's class table size is not the digits'
     c.data.name = "digits"
+    c.model.conditioning = "class"
     with pytest.raises(ValueError, match="the digits have 10 classes"):
         validation.validate_config(c, 1)
 
