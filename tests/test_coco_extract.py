@@ -6,23 +6,20 @@ import os
 import types
 
 import grain.python as grain
-import jax
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
 from fake_text import FakeEncoder
-from switch_dit_jax import vae as vae_lib
 from switch_dit_jax.data import coco
 from switch_dit_jax.data import extract as extract_lib
 from switch_dit_jax.data.captions import load_empty_caption
 from switch_dit_jax.data.pipeline import make_train_loader
 from switch_dit_jax.data.sources import LatentSource, center_crop_arr, decode_latent_record
 from switch_dit_jax.eval import metrics
+from tiny_vae import EXTRACT_ARGS, encode, save_tiny_vae
 
-TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4,
-                latent_channels=4)
 WORDS = "cat dog bus tree red blue small big on a the with".split()
 NUM_CAPTIONS = (3, 1, 7, 0, 5, 2, 6, 4, 1, 5)  # image 3 has none
 
@@ -30,8 +27,7 @@ NUM_CAPTIONS = (3, 1, 7, 0, 5, 2, 6, 4, 1, 5)  # image 3 has none
 @pytest.fixture(scope="module")
 def fake_coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
-    model = vae_lib.build_autoencoder(**TINY_VAE)
-    weights = vae_lib.save_diffusers(vae_lib.numpy_params(model), str(root / "vae.safetensors"))
+    _, weights = save_tiny_vae(root)
     rng = np.random.default_rng(0)
     os.makedirs(root / "train2014")
     images, anns, expected = [], [], {}
@@ -58,8 +54,7 @@ def run(fake_coco, out_dir, encoder=None, **kw):
     args = dict(vae=fake_coco.weights, out_dir=str(out_dir), source="coco",
                 image_dir=fake_coco.images, annotations=fake_coco.annotations,
                 encoder=encoder or FakeEncoder(), image_size=16, batch_size=2, shard_size=2,
-                num_workers=2, vae_block_out_channels=TINY_VAE["block_out_channels"],
-                vae_norm_num_groups=TINY_VAE["norm_num_groups"])
+                num_workers=2, **EXTRACT_ARGS)
     return extract_lib.extract(**dict(args, **kw))
 
 
@@ -92,14 +87,12 @@ def test_records_hold_latents_and_five_captions_per_image(fake_coco, extracted):
             np.testing.assert_array_equal(rec["captions"], hidden.astype(np.float16))
             np.testing.assert_array_equal(rec["caption_mask"], mask)
     # The latents: the tiny VAE's posterior of the ADM crop and of its mirror, in id order.
-    model, params = vae_lib.load_vae(fake_coco.weights, **TINY_VAE)
     files = {im_id: os.path.join(fake_coco.images, f"COCO_train2014_{im_id:012d}.jpg")
              for im_id in ids}
     crops = np.stack([center_crop_arr(Image.open(files[i]).convert("RGB"), 16) for i in ids])
     x = crops.astype(np.float32) / 127.5 - 1
     x = np.stack([x, x[:, :, ::-1]], 1).reshape(-1, 16, 16, 3)
-    mean, std = jax.device_get(jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                                method="encode"))(params, x))
+    mean, std = encode(fake_coco.weights, x)
     np.testing.assert_allclose(np.stack([r["mean"] for r in records]), mean, atol=2e-5)
     np.testing.assert_allclose(np.stack([r["std"] for r in records]), std, atol=2e-5)
 
@@ -170,8 +163,7 @@ def test_bad_coco_inputs_are_one_sentence(fake_coco, tmp_path):
     with pytest.raises(ValueError, match="--text_encoder is empty.*switch_dit_jax.text.tiny"):
         extract_lib.extract(vae=fake_coco.weights, out_dir=str(tmp_path / "o"), source="coco",
                             image_dir=images, annotations=fake_coco.annotations,
-                            image_size=16, vae_block_out_channels=TINY_VAE["block_out_channels"],
-                            vae_norm_num_groups=TINY_VAE["norm_num_groups"])
+                            image_size=16, **EXTRACT_ARGS)
 
 
 def test_validation_captions_and_reference_batch(fake_coco, tmp_path):

@@ -8,7 +8,6 @@ import sys
 import types
 
 import grain.python as grain
-import jax
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -22,10 +21,9 @@ from switch_dit_jax.data.pipeline import make_train_loader
 from switch_dit_jax.data.sources import (ImageFolder, LatentSource, center_crop_arr,
                                          decode_latent_record)
 from switch_dit_jax.train import loop
+from tiny_vae import EXTRACT_ARGS, encode, save_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4,
-                latent_channels=4)
 CLASSES = ("cat", "dog", "eel")
 SIZES = ((40, 48), (32, 32), (50, 36))  # (H, W): the centre crop meets each aspect
 
@@ -33,30 +31,20 @@ SIZES = ((40, 48), (32, 32), (50, 36))  # (H, W): the centre crop meets each asp
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    model = vae_lib.build_autoencoder(**TINY_VAE)
-    weights = vae_lib.save_diffusers(vae_lib.numpy_params(model), str(root / "vae.safetensors"))
+    _, weights = save_tiny_vae(root)
     rng = np.random.default_rng(0)
     for c in CLASSES:
         os.makedirs(root / "images" / c)
         for i, (h, w) in enumerate(SIZES):
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "images" / c / f"{i}.png")
-    return types.SimpleNamespace(root=root, weights=weights, images=str(root / "images"),
-                                 model=model)
-
-
-def encode(assets, x):
-    """The tiny VAE's posterior (mean, std) of images x, computed here, not by extraction."""
-    model, params = vae_lib.load_vae(assets.weights, **TINY_VAE)
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
-    return jax.device_get(fn(params, x))
+    return types.SimpleNamespace(root=root, weights=weights, images=str(root / "images"))
 
 
 def run_extract(assets, out_dir, **kw):
     args = dict(vae=assets.weights, out_dir=str(out_dir), source="folder",
                 image_dir=assets.images, image_size=32, batch_size=2, shard_size=2,
-                num_workers=2, vae_block_out_channels=TINY_VAE["block_out_channels"],
-                vae_norm_num_groups=TINY_VAE["norm_num_groups"])
+                num_workers=2, **EXTRACT_ARGS)
     return extract_lib.extract(**dict(args, **kw))
 
 
@@ -111,7 +99,7 @@ def test_interrupted_extraction_resumes_to_one_record_per_image_and_flip(assets,
     # Record 2i is image i, record 2i+1 its mirror image, both through the ADM centre crop.
     crops = np.stack([center_crop_arr(folder.load(i), 32) for i in range(len(folder))])
     x = crops.astype(np.float32) / 127.5 - 1
-    mean, std = encode(assets, np.stack([x, x[:, :, ::-1]], 1).reshape(-1, 32, 32, 3))
+    mean, std = encode(assets.weights, np.stack([x, x[:, :, ::-1]], 1).reshape(-1, 32, 32, 3))
     np.testing.assert_allclose(np.stack([r["mean"] for r in records]), mean, atol=2e-5)
     np.testing.assert_allclose(np.stack([r["std"] for r in records]), std, atol=2e-5)
 
@@ -175,7 +163,7 @@ def test_extraction_from_tfds(assets, tmp_path):
     assert manifest["label_map"] == {"ant": 0, "bee": 1, "cow": 2}
     records = read_records(tmp_path / "out")
     crops = np.stack([center_crop_arr(pictures[int(r["label"])], 32) for r in records[::2]])
-    mean, _ = encode(assets, crops.astype(np.float32) / 127.5 - 1)
+    mean, _ = encode(assets.weights, crops.astype(np.float32) / 127.5 - 1)
     np.testing.assert_allclose(np.stack([r["mean"] for r in records[::2]]), mean, atol=2e-5)
 
 

@@ -95,7 +95,8 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class CocoReader:
-    """Captioned COCO images for `extract`: centre-cropped pixels in [-1, 1] and K captions."""
+    """Captioned COCO images for `extract`: uint8 centre crops (as `images.FolderReader`) and
+    K captions."""
 
     def __init__(self, image_dir: str, annotations: str, image_size: int,
                  captions_per_image: int = CAPTIONS_PER_IMAGE):
@@ -119,8 +120,7 @@ class CocoReader:
         return self.entries[index][1]
 
     def load(self, index: int):
-        crop = center_crop_arr(load_rgb(self.entries[index][1]), self.size)
-        return crop.astype(np.float32) / 127.5 - 1.0, 0
+        return center_crop_arr(load_rgb(self.entries[index][1]), self.size), 0
 
     def captions(self, index: int) -> list[str]:
         return pick_captions(self.entries[index][2], self.k)

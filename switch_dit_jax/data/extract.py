@@ -12,8 +12,8 @@ frozen; train on these shards with `data.hflip=False` (the flips are already in 
 Shard i holds images [i·shard_size, (i+1)·shard_size); process p of P writes shards p, p+P, ...
 and encodes on its own local devices, so hosts never wait for each other and each resumes on
 its own: a finished shard (renamed from `.tmp` on close) is skipped on restart, a partial one
-is redone. `manifest.json` records the VAE (path, sha256, architecture), crop, sizes, label map
-and, once every shard exists, the record counts.
+is redone (`shard_jobs.py`, shared with `pixels.py`). `manifest.json` records the VAE (path,
+sha256, architecture), crop, sizes, label map and, once every shard exists, the record counts.
 
 `--source=coco` reads MS-COCO images with their caption JSON (`--annotations`) and adds to both
 records of an image the `--text_encoder` (CLIP) embeddings of its first five captions by
@@ -26,11 +26,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import json
 import logging
 import math
 import os
-import time
 
 import jax
 import numpy as np
@@ -38,16 +36,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from switch_dit_jax import vae as vae_lib
 from switch_dit_jax.data import captions as captions_lib
-from switch_dit_jax.data.sources import (ImageFolder, LatentShardWriter, TfdsSource,
-                                         center_crop_arr, shard_name)
+from switch_dit_jax.data import shard_jobs
+from switch_dit_jax.data.images import CROP, make_reader
+from switch_dit_jax.data.sources import LatentShardWriter
 
 log = logging.getLogger("switch_dit_jax")
 
 PREFIX = "latents"
-MANIFEST = "manifest.json"
 SOURCES = ("folder", "tfds", "coco")
 ON_ERROR = ("fail", "skip")
-CROP = "ADM center_crop_arr: BOX-halve while >= 2x, BICUBIC to short side, centre crop"
 # Settings that decide what the shards contain; a resumed run must repeat them exactly.
 _RESUME_KEYS = ("source", "num_source_images", "vae_sha256", "vae_architecture", "image_size",
                 "shard_size", "num_shards", "label_map", "conditioning", "text_width",
@@ -56,82 +53,6 @@ _RESUME_KEYS = ("source", "num_source_images", "vae_sha256", "vae_architecture",
 
 class ImageReadError(RuntimeError):
     """An image that could not be read or decoded, with --on_error=fail."""
-
-
-class _FolderReader:
-    def __init__(self, image_dir: str, labels: str, image_size: int):
-        self.folder = ImageFolder(image_dir, labels)
-        self.size = image_size
-        self.num_classes = self.folder.num_classes
-        self.label_map = {name: i for i, name in enumerate(self.folder.class_names)}
-        self.description = {"kind": "folder", "image_dir": os.path.abspath(image_dir),
-                            "labels": self.folder.labelling}
-
-    def __len__(self):
-        return len(self.folder)
-
-    def name(self, index: int) -> str:
-        return self.folder.paths[index]
-
-    def load(self, index: int):
-        crop = center_crop_arr(self.folder.load(index), self.size)
-        return crop.astype(np.float32) / 127.5 - 1.0, self.folder.labels[index]
-
-
-class _TfdsReader:
-    def __init__(self, tfds_name: str, data_dir: str | None, split: str, image_size: int):
-        self.source = TfdsSource(tfds_name, data_dir, split, image_size)
-        self.num_classes = self.source.num_classes or 1
-        import tensorflow_datasets as tfds  # lazy: heavy; TfdsSource has checked it is prepared
-        names = getattr(tfds.builder(tfds_name, data_dir=data_dir).info.features["label"],
-                        "names", None) or []
-        self.label_map = {n: i for i, n in enumerate(names)}
-        self.description = {"kind": "tfds", "name": tfds_name, "split": split,
-                            "data_dir": os.path.abspath(data_dir) if data_dir else None}
-        self._tag = f"tfds:{tfds_name}/{split}"
-
-    def __len__(self):
-        return len(self.source)
-
-    def name(self, index: int) -> str:
-        return f"{self._tag}[{index}]"
-
-    def load(self, index: int):
-        rec = self.source[index]
-        image = rec["image"]
-        if image.shape[-1] == 1:
-            image = np.repeat(image, 3, axis=-1)
-        return image[..., :3], int(rec["label"])
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: several hosts may write the same file
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _check_resume(out_dir: str, manifest: dict) -> None:
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
-    for key in _RESUME_KEYS:  # .get: image extractions have no text keys
-        if old.get(key) != manifest.get(key):
-            raise ValueError(f"--out_dir={out_dir!r} holds latents made with other settings "
-                             f"({key}: {old.get(key)!r} then, {manifest.get(key)!r} now); use "
-                             "a new --out_dir or repeat the original settings to resume.")
-
-
-def _count_records(paths: list[str]) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-    total = 0
-    for p in paths:  # one at a time: ImageNet has more shards than the open-file limit
-        reader = ArrayRecordReader(p)
-        total += reader.num_records()
-        reader.close()
-    return total
 
 
 def _loaded_batches(reader, indices, batch_size: int, pool):
@@ -182,10 +103,8 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
         raise ValueError(f"--source={source!r} is not one of {list(SOURCES)}.")
     if on_error not in ON_ERROR:
         raise ValueError(f"--on_error={on_error!r} is not one of {list(ON_ERROR)}.")
-    for flag, value in (("batch_size", batch_size), ("shard_size", shard_size),
-                        ("image_size", image_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"--{flag}={value!r} must be a positive integer.")
+    shard_jobs.check_positive(batch_size=batch_size, shard_size=shard_size,
+                              image_size=image_size)
     if not out_dir:
         raise ValueError("--out_dir is empty; pass the directory to write the latent shards to.")
     model, params = vae_lib.load_vae(vae, vae_block_out_channels, vae_layers_per_block,
@@ -195,23 +114,17 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
         nearest = max(factor, image_size // factor * factor)
         raise ValueError(f"--image_size={image_size} is not a multiple of {factor}, the VAE's "
                          f"downsampling factor; use e.g. {nearest}.")
-    if source == "folder":
-        reader = _FolderReader(image_dir, labels, image_size)
-    elif source == "coco":
+    if source == "coco":
         from switch_dit_jax.data.coco import CocoReader
         reader = CocoReader(image_dir, annotations, image_size, captions_per_image)
         encoder = encoder or captions_lib.load_encoder(text_encoder, "--text_encoder")
     else:
-        if not tfds_name:
-            raise ValueError("--tfds_name is empty; name the TFDS dataset, e.g. imagenet2012.")
-        reader = _TfdsReader(tfds_name, data_dir or None, split, image_size)
-
-    pi = jax.process_index() if process_index is None else int(process_index)
-    pc = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= pi < pc:
-        raise ValueError(f"process_index={pi} must be in [0, process_count={pc}).")
+        reader = make_reader(source, image_dir=image_dir, labels=labels, tfds_name=tfds_name,
+                             data_dir=data_dir, split=split, image_size=image_size)
     n = min(len(reader), limit) if limit else len(reader)
-    num_shards = math.ceil(n / shard_size)
+    job = shard_jobs.ShardJob.create(out_dir, PREFIX, n, shard_size, process_index,
+                                     process_count)
+    num_shards = job.num_shards
     latent = image_size // factor
     manifest = {
         "format": "SDL1 ArrayRecord latent shards (switch_dit_jax.data.sources)",
@@ -232,10 +145,7 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
     }
     if source == "coco":
         manifest.update(reader.text_manifest(encoder, text_encoder))
-    os.makedirs(out_dir, exist_ok=True)
-    _check_resume(out_dir, manifest)
-    if pi == 0 and not os.path.exists(os.path.join(out_dir, MANIFEST)):
-        _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    shard_jobs.start(job, manifest, _RESUME_KEYS, "latents")
     caption_fn = None
     if source == "coco":
         captions_lib.write_empty_caption(out_dir, encoder)
@@ -246,52 +156,19 @@ def extract(*, vae: str, out_dir: str, source: str = "folder", image_dir: str | 
     padded = math.ceil(2 * batch_size / len(devices)) * len(devices)
     encode = _make_encoder(model, params, devices)
     shape = (padded, image_size, image_size, 3)
-    mine = list(range(pi, num_shards, pc))
-    todo = [s for s in mine if not os.path.exists(
-        os.path.join(out_dir, shard_name(PREFIX, s, num_shards)))]
-    total = sum(min(shard_size, n - s * shard_size) for s in mine)
-    done = total - sum(min(shard_size, n - s * shard_size) for s in todo)
-    tag = f"[process {pi}/{pc}]"
-    log.info("%s %d of my %d shards already complete; encoding %d images in %d shards on %d "
-             "devices", tag, len(mine) - len(todo), len(mine), total - done, len(todo),
-             len(devices))
-    progress = _Progress(tag, done, total, log_every_s)
+
+    def write_shard(shard, indices, progress):
+        with LatentShardWriter(out_dir, shard, num_shards, PREFIX, reader.num_classes) as writer:
+            _encode_shard(writer, reader, list(indices), encode, shape, batch_size, pool,
+                          on_error, progress, caption_fn)
+        return writer
+
     pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
     try:
-        for shard in todo:
-            indices = list(range(shard * shard_size, min((shard + 1) * shard_size, n)))
-            with LatentShardWriter(out_dir, shard, num_shards, PREFIX,
-                                   reader.num_classes) as writer:
-                _encode_shard(writer, reader, indices, encode, shape, batch_size, pool,
-                              on_error, progress, caption_fn)
-            log.info("%s wrote %s (%d records)", tag, os.path.basename(writer.path),
-                     writer.num_records)
+        shard_jobs.run(job, write_shard, log_every_s, "encoding", f" on {len(devices)} devices")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    progress.report()
-    if progress.skipped:
-        log.warning("%s skipped %d unreadable images (listed above)", tag, progress.skipped)
-    return _finish(out_dir, manifest, num_shards, pi)
-
-
-class _Progress:
-    def __init__(self, tag: str, done: int, total: int, every_s: float):
-        self.tag, self.done, self.total, self.every_s = tag, done, total, every_s
-        self.encoded = self.skipped = 0
-        self.start = self.last = time.time()
-
-    def add(self, images: int) -> None:
-        self.encoded += images
-        if time.time() - self.last > self.every_s:
-            self.report()
-
-    def report(self) -> None:
-        self.last = time.time()
-        done = self.done + self.encoded
-        rate = self.encoded / max(self.last - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate else float("nan")
-        log.info("%s %d/%d images (%.1f%%), %.1f images/s, ETA %.0f s", self.tag, done,
-                 self.total, 100.0 * done / max(self.total, 1), rate, eta)
+    return shard_jobs.finish(job, manifest, 2, "latent extraction")
 
 
 def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_error,
@@ -328,7 +205,7 @@ def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_e
         if images:
             b = len(images)
             x = np.zeros(shape, np.float32)
-            x[:b] = np.stack(images)
+            x[:b] = np.stack(images).astype(np.float32) / 127.5 - 1.0
             x[b:2 * b] = x[:b, :, ::-1]
             # Dispatch is asynchronous: the device encodes this batch while the host writes the
             # previous one and waits for the next reads.
@@ -338,28 +215,6 @@ def _encode_shard(writer, reader, indices, encode, shape, batch_size, pool, on_e
             pending = current
         progress.add(len(chunk))
     flush(pending)
-
-
-def _finish(out_dir: str, manifest: dict, num_shards: int, pi: int) -> dict:
-    """Counts records once every shard exists (whichever process gets there writes it)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("latent extraction finished")
-        if jax.process_index() != 0:
-            return manifest
-    paths = [os.path.join(out_dir, shard_name(PREFIX, s, num_shards)) for s in range(num_shards)]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        log.info("[process %d] done; %d shard(s) of other processes still missing: the last "
-                 "process to end completes manifest.json", pi, len(missing))
-        return manifest
-    records = _count_records(paths)
-    manifest = dict(manifest, complete=True, num_records=records, num_images=records // 2,
-                    num_skipped=manifest["num_source_images"] - records // 2)
-    _write_json(os.path.join(out_dir, MANIFEST), manifest)
-    log.info("extraction complete: %d records (%d images, %d skipped) in %d shards in %s",
-             records, records // 2, manifest["num_skipped"], num_shards, out_dir)
-    return manifest
 
 
 def _define_flags():
@@ -403,14 +258,8 @@ def _main(argv) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     if not flags_.vae or not flags_.out_dir:
         sys.exit("error: pass --vae=/path/diffusion_pytorch_model.safetensors and --out_dir=DIR.")
-    env = os.environ
-    if flags_.coordinator_address or flags_.num_processes:
-        jax.distributed.initialize(coordinator_address=flags_.coordinator_address,
-                                   num_processes=flags_.num_processes,
-                                   process_id=flags_.process_id)
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", "") \
-            or env.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    shard_jobs.init_distributed(flags_.coordinator_address, flags_.num_processes,
+                                flags_.process_id)
     names = ("vae", "out_dir", "source", "image_dir", "labels", "tfds_name", "data_dir", "split",
              "image_size", "batch_size", "shard_size", "num_workers", "on_error", "latent_scale",
              "limit", "vae_layers_per_block", "vae_norm_num_groups", "vae_latent_channels",

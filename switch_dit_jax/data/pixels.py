@@ -10,10 +10,16 @@ BICUBIC to the size, centre crop) and is written as one record; training reads t
 
 Record format (little-endian): magic b"PXU8", int32[5] h, w, c, label, num_classes
 (0 = unknown), then uint8[h, w, c] (C-order). Shards `pixels-{i:05d}-of-{n:05d}.array_record`
-are written under `.tmp` and renamed when complete.
+hold images [i·shard_size, (i+1)·shard_size) and are written as `extract.py` writes latents
+(`shard_jobs.py`): process p of `--process_count` P writes shards p, p+P, ... (P hosts or P
+processes of one host, no coordinator needed), a rerun skips complete shards and redoes a
+partial one, and `manifest.json` holds the settings (a resume with others is refused) and,
+once every shard exists, the record count.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 import struct
 import sys
@@ -22,7 +28,8 @@ import numpy as np
 
 import grain.python as grain
 
-from switch_dit_jax.data.sources import ImageFolder, TfdsSource, center_crop_arr, shard_name
+from switch_dit_jax.data import shard_jobs
+from switch_dit_jax.data.images import CROP, make_reader
 from switch_dit_jax.errors import BadFileError
 
 PIXEL_MAGIC = b"PXU8"
@@ -54,8 +61,7 @@ def decode_pixel_record(record: bytes) -> dict:
 
 def write_pixel_shards(out_dir: str, records, n: int, num_classes: int,
                        num_shards: int = 1) -> list[str]:
-    """`n` (uint8 image [h, w, c], label) pairs (any iterable) -> `num_shards` shards."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+    """`n` in-memory (uint8 image [h, w, c], label) pairs (any iterable) -> `num_shards` shards."""
     if n <= 0:
         raise ValueError("no images to write.")
     if not 1 <= num_shards <= n:
@@ -64,14 +70,12 @@ def write_pixel_shards(out_dir: str, records, n: int, num_classes: int,
     records = iter(records)
     paths = []
     for i, idx in enumerate(np.array_split(np.arange(n), num_shards)):
-        path = os.path.join(out_dir, shard_name(PREFIX, i, num_shards))
-        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
-        for _ in idx:
-            image, label = next(records)
-            writer.write(encode_pixel_record(image, label, num_classes))
-        writer.close()
-        os.replace(path + ".tmp", path)
-        paths.append(path)
+        with shard_jobs.RecordShard(os.path.join(
+                out_dir, shard_jobs.shard_name(PREFIX, i, num_shards))) as shard:
+            for _ in idx:
+                image, label = next(records)
+                shard.write(encode_pixel_record(image, label, num_classes))
+        paths.append(shard.path)
     return paths
 
 
@@ -117,50 +121,70 @@ class PixelSource:
         return f"PixelSource(shards={self._names!r}, num_records={len(self)})"
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return image[..., :3] if image.shape[-1] >= 3 else np.repeat(image, 3, axis=-1)
+# Settings that decide what the shards contain; a resumed run must repeat them exactly.
+_RESUME_KEYS = ("source", "num_source_images", "image_size", "shard_size", "num_shards",
+                "label_map")
 
 
 def write_from_source(*, out_dir: str, source: str = "folder", image_dir: str | None = None,
                       labels: str = "auto", tfds_name: str = "imagenet2012",
                       data_dir: str | None = None, split: str = "train", image_size: int = 64,
-                      shard_size: int = 10_000, limit: int = 0) -> list[str]:
-    """Centre-crop every image of a folder or a TFDS split into uint8 RGB pixel shards,
-    streaming (ImageNet-64 is 16 GB as uint8)."""
-    if source == "folder":
-        folder = ImageFolder(image_dir, labels)
-        n, num_classes = len(folder), folder.num_classes
+                      shard_size: int = 10_000, limit: int = 0, num_workers: int = 8,
+                      process_index: int | None = None, process_count: int | None = None,
+                      log_every_s: float = 30.0) -> list[str]:
+    """Centre-crops this process's shards of a folder or a TFDS split into uint8 RGB pixel
+    shards, streaming (ImageNet-64 is 16 GB as uint8); returns the paths of its shards."""
+    shard_jobs.check_positive(image_size=image_size, shard_size=shard_size)
+    if not out_dir:
+        raise ValueError("--out_dir is empty; pass the directory to write the pixel shards to.")
+    reader = make_reader(source, image_dir=image_dir, labels=labels, tfds_name=tfds_name,
+                         data_dir=data_dir, split=split, image_size=image_size)
+    n = min(len(reader), limit) if limit else len(reader)
+    job = shard_jobs.ShardJob.create(out_dir, PREFIX, n, shard_size, process_index,
+                                     process_count)
+    manifest = {
+        "format": "PXU8 ArrayRecord pixel shards (switch_dit_jax.data.pixels)",
+        "source": reader.description, "num_source_images": n, "crop": CROP,
+        "image_size": image_size, "records": "one uint8 [h, w, 3] image per source image "
+                                             "(train with data.hflip=True)",
+        "shard_size": shard_size, "num_shards": job.num_shards, "shard_prefix": PREFIX,
+        "num_classes": reader.num_classes, "label_map": reader.label_map, "complete": False,
+    }
+    shard_jobs.start(job, manifest, _RESUME_KEYS, "pixels")
 
-        def record(i):
-            return center_crop_arr(folder.load(i), image_size), folder.labels[i]
-    elif source == "tfds":
-        tfds_source = TfdsSource(tfds_name, data_dir, split, image_size)
-        n, num_classes = len(tfds_source), tfds_source.num_classes or 1
+    def write_shard(shard, indices, progress):
+        with shard_jobs.RecordShard(job.path(shard)) as writer:
+            for image, label in pool.map(reader.load, indices):  # in order: reproducible bytes
+                writer.write(encode_pixel_record(image, label, reader.num_classes))
+                progress.add(1)
+        return writer
 
-        def record(i):  # TfdsSource crops as ADM does, to float in [-1, 1]: back to the bytes
-            rec = tfds_source[i]
-            return np.rint((rec["image"] + 1.0) * 127.5).astype(np.uint8), int(rec["label"])
-    else:
-        raise ValueError(f"--source={source!r}; use 'folder' or 'tfds'.")
-    n = min(n, limit or n)
-    records = ((_rgb(image), label) for image, label in map(record, range(n)))
-    return write_pixel_shards(out_dir, records, n, num_classes, max(1, -(-n // shard_size)))
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+    try:
+        shard_jobs.run(job, write_shard, log_every_s)
+    finally:  # a failed read or a kill drops the shard's queued reads instead of awaiting them
+        pool.shutdown(wait=True, cancel_futures=True)
+    shard_jobs.finish(job, manifest, 1, "pixel writing")
+    return [job.path(s) for s in job.mine()]
 
 
 def _main(argv) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if not f.out_dir:
         sys.exit("error: pass --out_dir=DIR for the pixel shards.")
+    shard_jobs.init_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    names = ("out_dir", "source", "image_dir", "labels", "tfds_name", "data_dir", "split",
+             "image_size", "shard_size", "limit", "num_workers", "process_index",
+             "process_count")
     try:
-        paths = write_from_source(out_dir=f.out_dir, source=f.source, image_dir=f.image_dir,
-                                  labels=f.labels, tfds_name=f.tfds_name, data_dir=f.data_dir,
-                                  split=f.split, image_size=f.image_size,
-                                  shard_size=f.shard_size, limit=f.limit)
-    except (ValueError, FileNotFoundError) as e:
+        paths = write_from_source(**{k: getattr(f, k) for k in names})
+    except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {len(paths)} shard(s) to {f.out_dir}")
+    print(f"{len(paths)} shard(s) of this process in {f.out_dir}")
 
 
 if __name__ == "__main__":
@@ -172,8 +196,16 @@ if __name__ == "__main__":
     flags.DEFINE_string("tfds_name", "imagenet2012", "--source=tfds: the dataset name.")
     flags.DEFINE_string("data_dir", None, "--source=tfds: the TFDS data_dir.")
     flags.DEFINE_string("split", "train", "--source=tfds: the split.")
-    flags.DEFINE_string("out_dir", None, "Directory for the shards.")
+    flags.DEFINE_string("out_dir", None, "Directory for the shards and manifest.json.")
     flags.DEFINE_integer("image_size", 64, "ADM centre-crop size.")
     flags.DEFINE_integer("shard_size", 10_000, "Images per shard.")
     flags.DEFINE_integer("limit", 0, "Only the first N images (0 = all).")
+    flags.DEFINE_integer("num_workers", 8, "Threads that read and crop images.")
+    flags.DEFINE_integer("process_index", None, "This process's index p: it writes shards p, "
+                         "p+P, ... (default: jax.process_index()).")
+    flags.DEFINE_integer("process_count", None, "P, the processes sharing the shards "
+                         "(default: jax.process_count()).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (jax.distributed).")
+    flags.DEFINE_integer("num_processes", None, "Processes of a jax.distributed run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a jax.distributed run.")
     app.run(_main)

@@ -1,4 +1,5 @@
 """Random-access data sources for grain: sklearn digits, ArrayRecord VAE latents, TFDS images.
+(The image files and readers that the offline shard writers use are in `images.py`.)
 
 Every source has `__len__`, `__getitem__`, `image_shape` (H, W, C of what the training
 pipeline yields) and `num_classes` (None when unknown).  A deterministic `__repr__` matters:
@@ -26,12 +27,13 @@ import os
 import struct
 
 import numpy as np
-from PIL import Image
 
 import grain.python as grain
 
 from switch_dit_jax.data.captions import (DigitsTextSource, decode_caption_block,
                                           encode_caption_block)
+from switch_dit_jax.data.images import ImageFolder, center_crop_arr  # noqa: F401 -- re-exported
+from switch_dit_jax.data.shard_jobs import RecordShard, shard_name
 from switch_dit_jax.errors import BadFileError
 
 LATENT_MAGIC = b"SDL1"
@@ -113,11 +115,7 @@ def decode_latent_record(record: bytes) -> dict:
     return rec
 
 
-def shard_name(prefix: str, index: int, count: int) -> str:
-    return f"{prefix}-{index:05d}-of-{count:05d}.array_record"
-
-
-class LatentShardWriter:
+class LatentShardWriter(RecordShard):
     """Streams latent records into one ArrayRecord shard; visible only after `close()`.
 
     Use as a context manager: an exception inside the block discards the partial shard.
@@ -125,43 +123,18 @@ class LatentShardWriter:
 
     def __init__(self, out_dir: str, shard_index: int = 0, num_shards: int = 1,
                  prefix: str = "latents", num_classes: int | None = None):
-        from array_record.python.array_record_module import ArrayRecordWriter
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards}).")
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, shard_name(prefix, shard_index, num_shards))
-        self._tmp_path = self.path + ".tmp"
+        super().__init__(os.path.join(out_dir, shard_name(prefix, shard_index, num_shards)))
         self._num_classes = num_classes
-        # group_size:1 keeps every record independently addressable, which random access needs.
-        self._writer = ArrayRecordWriter(self._tmp_path, "group_size:1")
-        self.num_records = 0
 
     def write(self, mean, std, label, captions=None, caption_mask=None) -> None:
         label = int(label)
         if self._num_classes and not 0 <= label < self._num_classes:
             raise ValueError(f"label={label} is outside [0, num_classes={self._num_classes}).")
-        self._writer.write(encode_latent_record(mean, std, label, self._num_classes or 0,
-                                                captions, caption_mask))
-        self.num_records += 1
-
-    def close(self) -> str:
-        self._writer.close()
-        os.replace(self._tmp_path, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._writer.close()
-        if os.path.exists(self._tmp_path):
-            os.remove(self._tmp_path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        super().write(encode_latent_record(mean, std, label, self._num_classes or 0, captions,
+                                           caption_mask))
 
 
 def write_latent_shards(out_dir: str, means, stds, labels, num_shards: int = 1,
@@ -302,25 +275,6 @@ class LatentSource:
 # ----------------------------------------------------------------------------- tfds
 
 
-def center_crop_arr(image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: BOX-halve while possible, BICUBIC to min side == size, crop centre."""
-    pil = image
-    if not isinstance(pil, Image.Image):
-        arr = np.asarray(image)
-        pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    # Halving with BOX before the final BICUBIC avoids aliasing on large downscales.
-    while min(*pil.size) >= 2 * image_size:
-        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
-    scale = image_size / min(*pil.size)
-    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
-    arr = np.array(pil)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top:top + image_size, left:left + image_size]
-
-
 class TfdsSource:
     """A TFDS dataset prepared as ArrayRecord, centre-cropped to `image_size`, in [-1, 1]."""
 
@@ -364,89 +318,18 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> dict:
+    def crop(self, index: int):
+        """(uint8 centre crop, label) of record `index`: what the pixel shards store."""
         rec = self._source[index]
-        img = center_crop_arr(rec["image"], self._image_size)
-        return {"image": img.astype(np.float32) / 127.5 - 1.0, "label": np.int32(rec["label"])}
+        return center_crop_arr(rec["image"], self._image_size), int(rec["label"])
+
+    def __getitem__(self, index: int) -> dict:
+        img, label = self.crop(index)
+        return {"image": img.astype(np.float32) / 127.5 - 1.0, "label": np.int32(label)}
 
     def __repr__(self) -> str:
         name, split, size, n = self._desc
         return f"TfdsSource(name={name!r}, split={split!r}, image_size={size}, num_records={n})"
-
-
-# ----------------------------------------------------------------------------- image folders
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-FOLDER_LABELS = ("auto", "subfolders", "none")
-
-
-def _image_files(root: str) -> list[str]:
-    """Image files under `root`, recursively, in a sorted (hence reproducible) order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-    return found
-
-
-class ImageFolder:
-    """Image files of a directory, for latent extraction (ImageNet `train/`, FFHQ, ...).
-
-    labels="subfolders": each subfolder of `image_dir` is a class, labelled by its position in
-    the sorted folder names (ImageNet synsets sort to the standard 0..999 labels); files are
-    found recursively inside. labels="none": every image found recursively is label 0 of one
-    class (unconditional; FFHQ ships in numbered subfolders that are not classes).
-    labels="auto": "subfolders" when image_dir holds folders, "none" when it holds only images.
-    """
-
-    def __init__(self, image_dir: str, labels: str = "auto"):
-        if not image_dir or not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"--image_dir={image_dir!r} is not a directory; pass the "
-                                    "folder holding the images (or their class subfolders).")
-        if labels not in FOLDER_LABELS:
-            raise ValueError(f"--labels={labels!r} is not one of {list(FOLDER_LABELS)}.")
-        entries = sorted(e for e in os.listdir(image_dir) if not e.startswith("."))
-        subdirs = [e for e in entries if os.path.isdir(os.path.join(image_dir, e))]
-        top_images = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
-        if labels == "auto":
-            if subdirs and top_images:
-                raise ValueError(f"--image_dir={image_dir!r} holds both image files and "
-                                 "subfolders; pass --labels=subfolders (classes) or --labels=none "
-                                 "(one class).")
-            labels = "subfolders" if subdirs else "none"
-        if labels == "subfolders":
-            if not subdirs:
-                raise ValueError(f"--image_dir={image_dir!r} has no class subfolders; pass "
-                                 "--labels=none for a flat folder of unlabelled images.")
-            self.class_names = subdirs
-            self.paths, self.labels = [], []
-            for label, name in enumerate(subdirs):
-                files = _image_files(os.path.join(image_dir, name))
-                self.paths.extend(files)
-                self.labels.extend([label] * len(files))
-        else:
-            self.class_names = []
-            self.paths = _image_files(image_dir)
-            self.labels = [0] * len(self.paths)
-        if not self.paths:
-            raise FileNotFoundError(f"--image_dir={image_dir!r} contains no image files "
-                                    f"({', '.join(IMAGE_EXTENSIONS)}).")
-        self.image_dir = image_dir
-        self.labelling = labels
-        self.num_classes = max(len(self.class_names), 1)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> Image.Image:
-        """The RGB image at `index`; raises (OSError, ...) for an unreadable file."""
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB")
-
-    def __repr__(self) -> str:
-        return (f"ImageFolder(image_dir={self.image_dir!r}, labels={self.labelling!r}, "
-                f"num_images={len(self)})")
 
 
 # ----------------------------------------------------------------------------- dispatch
