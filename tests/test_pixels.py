@@ -159,3 +159,16 @@ def test_resume_with_other_settings_is_refused_naming_the_setting(folder, tmp_pa
     assert shard_bytes(out) == before  # a refused run writes nothing
     with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, process_count=2\)"):
         write(folder, tmp_path / "bad", process_index=2, process_count=2)
+
+
+def test_unreadable_image_is_named_and_leaves_no_shard(tmp_path):
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(flat / "0.png")
+    (flat / "1.png").write_bytes(b"this is not a PNG")
+    with pytest.raises(ValueError, match=f"cannot read image {flat / '1.png'} .*; fix or "
+                                         "replace it and rerun"):
+        pixels.write_from_source(out_dir=str(tmp_path / "out"), image_dir=str(flat),
+                                 image_size=8, num_workers=1)
+    assert shard_files(tmp_path / "out") == []
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]

@@ -50,7 +50,7 @@ def _image_files(root: str) -> list[str]:
 
 
 class ImageFolder:
-    """Image files of a directory, for latent extraction (ImageNet `train/`, FFHQ, ...).
+    """Image files of a directory, for the latent and pixel writers (ImageNet `train/`, FFHQ).
 
     labels="subfolders": each subfolder of `image_dir` is a class, labelled by its position in
     the sorted folder names (ImageNet synsets sort to the standard 0..999 labels); files are

@@ -152,9 +152,16 @@ def write_from_source(*, out_dir: str, source: str = "folder", image_dir: str | 
     }
     shard_jobs.start(job, manifest, _RESUME_KEYS, "pixels")
 
+    def load(index):
+        try:
+            return reader.load(index)
+        except Exception as e:  # noqa: BLE001 -- whatever the decoder raised, it is the file's
+            raise ValueError(f"cannot read image {reader.name(index)} ({e}); fix or replace it "
+                             "and rerun, which keeps the complete shards.") from e
+
     def write_shard(shard, indices, progress):
         with shard_jobs.RecordShard(job.path(shard)) as writer:
-            for image, label in pool.map(reader.load, indices):  # in order: reproducible bytes
+            for image, label in pool.map(load, indices):  # in order: reproducible bytes
                 writer.write(encode_pixel_record(image, label, reader.num_classes))
                 progress.add(1)
         return writer
