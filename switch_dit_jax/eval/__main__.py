@@ -11,12 +11,12 @@ reference's statistics and activations, which later runs can pass as the referen
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 
+from switch_dit_jax import cli
 from switch_dit_jax.eval import load_network, metrics
 
 
@@ -54,17 +54,9 @@ def main(argv=None) -> dict:
     result = metrics.image_metrics(features, reference)
     result.update(num_samples=len(samples), samples=args.samples, reference=args.reference,
                   seconds=round(time.time() - start, 1))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    cli.report_json(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad files or weights: one sentence, no trace
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)

@@ -14,7 +14,6 @@ score is `switch_dit_jax.text.clip_score` (mean of 100·max(cos, 0)) over the sa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ import time
 
 import numpy as np
 
-from switch_dit_jax import files
+from switch_dit_jax import cli, files
 
 log = logging.getLogger("switch_dit_jax")
 
@@ -112,17 +111,9 @@ def main(argv=None) -> dict:
                           clip_batch_size=args.clip_batch_size)
     result.update(samples=args.samples, reference=args.reference,
                   text_encoder=args.text_encoder, seconds=round(time.time() - start, 1))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    cli.report_json(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad files or weights: one sentence
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)
