@@ -1,11 +1,28 @@
-"""What the `python -m` tools built on argparse share (`eval`, `eval.t2i`, `data.coco`): the
-metrics printed as JSON and kept in a file, and a user's mistake shown as one line instead of a
-traceback. The absl tools that restore a run directory share `analysis/cli.py` instead."""
+"""What the `python -m` tools built on argparse share (`eval`, `eval.t2i`, `data.coco`): a
+parser described by the tool's docstring, progress logged to stderr (stdout carries the result),
+the metrics printed as JSON and kept in a file, and a user's mistake shown as one line instead
+of a traceback. The absl tools that restore a run directory share `analysis/cli.py` instead."""
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import sys
 from typing import Any, Callable
+
+
+def parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m <module>`, its description the first paragraph of `doc` (the
+    module docstring; `prog` is spelled out because `__name__` is "__main__" under -m)."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The parsed flags, once they are valid; from then on the tool's log lines go to stderr."""
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    return args
 
 
 def report_json(result: dict, out: str | None) -> None:

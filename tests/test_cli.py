@@ -33,3 +33,26 @@ def test_run_shows_a_mistake_as_one_line_and_lets_bugs_through():
         cli.run(_raise(OSError("disk full")))
     with pytest.raises(KeyError):
         cli.run(_raise(KeyError("bug")))
+
+
+def test_parser_is_described_by_the_docstring_and_parse_logs_to_stderr(capsys):
+    import logging
+    p = cli.parser("switch_dit_jax.some.tool", "Does one thing.\n\n    python -m it --x=1\n")
+    assert (p.prog, p.description) == ("python -m switch_dit_jax.some.tool", "Does one thing.")
+    p.add_argument("--x", type=int, required=True)
+    with pytest.raises(SystemExit):  # argparse's own usage message for a missing flag
+        cli.parse(p, [])
+    assert "the following arguments are required: --x" in capsys.readouterr().err
+    root = logging.getLogger()
+    kept, level = root.handlers[:], root.level
+    root.handlers[:] = []  # pytest's capture handler would make basicConfig a no-op
+    try:
+        assert cli.parse(p, ["--x=3"]).x == 3
+        logging.getLogger("switch_dit_jax").info("progress line")
+        captured = capsys.readouterr()
+        assert "progress line" in captured.err and "progress line" not in captured.out
+    finally:
+        for handler in root.handlers:
+            root.removeHandler(handler)
+        root.handlers[:] = kept
+        root.setLevel(level)

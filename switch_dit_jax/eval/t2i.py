@@ -13,10 +13,8 @@ score is `switch_dit_jax.text.clip_score` (mean of 100·max(cos, 0)) over the sa
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -93,8 +91,7 @@ def evaluate_t2i(samples_npz: str, reference_npz: str, clip_dir: str, inception=
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m switch_dit_jax.eval.t2i",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.parser("switch_dit_jax.eval.t2i", __doc__)
     p.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8, prompts)")
     p.add_argument("--reference", required=True, help="val_reference_<size>.npz (ADM format)")
     p.add_argument("--text_encoder", required=True, help="Hugging Face CLIP directory")
@@ -103,8 +100,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=200, help="Inception images per step")
     p.add_argument("--clip_batch_size", type=int, default=64, help="CLIP images per step")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = cli.parse(p, argv)
     start = time.time()
     result = evaluate_t2i(args.samples, args.reference, args.text_encoder,
                           args.inception_weights, batch_size=args.batch_size,
