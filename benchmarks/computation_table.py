@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 from absl import app, flags
 
-from switch_dit_jax import config_base, parallel
+from switch_dit_jax import config_base, config_recipes, parallel
 from switch_dit_jax.models import flops as flops_lib
 from switch_dit_jax.train.state import count_params
 from synthetic_step import synthetic_step
@@ -62,12 +62,12 @@ PAPER = {
 def method_config(method: str, size: str):
     name = f"DiT-{size}/2"
     if method == "dtr":
-        c = config_base.dtr_config(name)
+        c = config_recipes.dtr_config(name)
     elif method == "switch":
-        c = config_base.switchdit_config(name)
+        c = config_recipes.switchdit_config(name)
     elif method in ADM_METHODS:
-        c = config_base.adm_imagenet64_unet(
-            config_base.adm_pixel_config("dtr" if method == "adm_dtr" else ""))
+        c = config_recipes.adm_imagenet64_unet(
+            config_recipes.adm_pixel_config("dtr" if method == "adm_dtr" else ""))
         c.model.num_classes = 1000
     elif method == "dit":
         c = config_base.get_base_config()

@@ -14,7 +14,7 @@ Data: --config.data.dir=<uint8 pixel shards of FFHQ, written by
 `python -m switch_dit_jax.data.pixels --source=folder --image_dir=/data/ffhq --labels=none
 --image_size=64`>.
 """
-from switch_dit_jax.config_base import adm_imagenet64_unet, adm_pixel_config
+from switch_dit_jax.config_recipes import adm_imagenet64_unet, adm_pixel_config
 
 
 def get_config(variant: str = ""):

@@ -7,7 +7,7 @@ backbone with 16-expert DiffMoE layers in the odd blocks 4.625B total, 1.226B ac
 paper's 1.2B / 4.6B / 1.2B to its rounding (tests/test_configs.py counts them).
 Objective (config argument): :flow (default, Euler 250), :heun125, :ddpm.
 """
-from switch_dit_jax.config_base import T2I_SIZE, dense_config, use_text_conditioning
+from switch_dit_jax.config_recipes import T2I_SIZE, dense_config, use_text_conditioning
 
 
 def get_config(objective: str = "flow"):

@@ -3,7 +3,7 @@ blocks of the T2I backbone of configs/dense_t2i.py (depth 24, width 1536, 24 hea
 parameters, 1.226B activated at C = 1 — the paper's 4.6B / 1.2B.
 Objective (config argument): :flow (default, Euler 250), :heun125, :ddpm.
 """
-from switch_dit_jax.config_base import T2I_SIZE, mixture_config, use_text_conditioning
+from switch_dit_jax.config_recipes import T2I_SIZE, mixture_config, use_text_conditioning
 
 
 def get_config(objective: str = "flow"):

@@ -7,7 +7,7 @@ Objective and sampling protocol (config argument; all guided rows use CFG 1.5):
     :heun125                      rectified flow, Heun 125 steps (SOTA rows, Tables 2, 5)
     :ddpm                         IDDPM, 250 DDPM steps, CFG on the first 3 latent channels
 """
-from switch_dit_jax.config_base import mixture_config
+from switch_dit_jax.config_recipes import mixture_config
 
 
 def get_config(objective: str = "flow"):

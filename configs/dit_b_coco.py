@@ -10,7 +10,7 @@ schedule, T = 1000, EMA 0.9999, CFG 1.5 (every channel, as the official DTR samp
 steps, FID on 50K samples of validation captions (sample.captions_file).
 Data: `python -m switch_dit_jax.data.extract --source=coco ...` (README "Text-to-image").
 """
-from switch_dit_jax.config_base import dtr_config, use_text_conditioning
+from switch_dit_jax.config_recipes import dtr_config, use_text_conditioning
 
 VARIANTS = {"": "none", "dtr": "dtr", "random": "random"}
 

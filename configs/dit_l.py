@@ -5,7 +5,7 @@ Train from latents written by this package: --config.data.dir=/path/to/imagenet_
 Samples as facebookresearch/DiT: CFG 1.5 on the first 3 latent channels, 250 DDPM steps (the
 vanilla DiT of the Switch-DiT / DTR code guides every channel: --config.sample.cfg_channels=0).
 """
-from switch_dit_jax.config_base import dit_config
+from switch_dit_jax.config_recipes import dit_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ The papers' text trains with the cosine schedule (the official example script us
 --config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
 FFHQ latent directory. R-TR (random routing): --config.model.routing.kind=random.
 """
-from switch_dit_jax.config_base import dtr_config
+from switch_dit_jax.config_recipes import dtr_config
 
 
 def get_config():

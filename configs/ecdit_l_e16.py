@@ -9,7 +9,7 @@ Objective and sampling protocol (config argument; all guided rows use CFG 1.5):
                                   flow, Euler 250, plus a capacity predictor and thresholds
                                   confined to each sample (model.ffn.ec_inference="dynamic")
 """
-from switch_dit_jax.config_base import mixture_config
+from switch_dit_jax.config_recipes import mixture_config
 
 
 def get_config(objective: str = "flow"):

@@ -10,7 +10,8 @@
 Sampling hands each step to the member whose quarter holds t (CFG 1.5 on every channel, as
 the Switch-DiT / DTR code).
 """
-from switch_dit_jax.config_base import PAPER_CFG_SCALE, get_base_config
+from switch_dit_jax.config_base import get_base_config
+from switch_dit_jax.config_recipes import PAPER_CFG_SCALE
 
 MEMBERS = 4
 

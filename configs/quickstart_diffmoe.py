@@ -7,7 +7,8 @@ Afterwards `python -m switch_dit_jax.analysis.capacity --config=configs/quicksta
 """
 import os
 
-from switch_dit_jax.config_base import load_config, use_flow_objective
+from switch_dit_jax.config_base import load_config
+from switch_dit_jax.config_recipes import use_flow_objective
 
 
 def get_config():

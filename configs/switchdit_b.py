@@ -6,7 +6,7 @@ The paper's text trains with the cosine schedule (the official example script us
 --config.diffusion.schedule=linear). FFHQ (unconditional): --config.model.num_classes=1 and an
 FFHQ latent directory. Ablations: configs/switchdit_table1.py, switchdit_table5.py.
 """
-from switch_dit_jax.config_base import switchdit_config
+from switch_dit_jax.config_recipes import switchdit_config
 
 
 def get_config():

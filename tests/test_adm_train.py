@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import reference_adm as ref
+import test_train
 from switch_dit_jax import parallel
 from switch_dit_jax.config_base import load_config
 from switch_dit_jax.data import pixels
@@ -16,7 +17,7 @@ from switch_dit_jax.data.pipeline import make_train_loader
 from switch_dit_jax.models import build_model
 from switch_dit_jax.train import loop
 from switch_dit_jax.train.checkpoint import Checkpointer
-from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
+from switch_dit_jax.train.state import make_optimizer, state_shardings
 from switch_dit_jax.train.step import make_diffusion, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,22 +99,18 @@ def test_sharded_adm_step_on_8_devices_matches_1_device(tmp_path):
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
              "label": (np.arange(8) % 2).astype(np.int32)}
-    results = []
-    for sizes, devices in ((dict(data=1, fsdp=1, expert=1), jax.devices()[:1]),
-                           (dict(data=2, fsdp=4, expert=1), jax.devices())):
-        mesh = parallel.make_mesh(sizes, devices)
-        _, shardings = state_shardings(model, tx, mesh)
-        state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    split = []
+
+    def check_state(state, sizes):
         if sizes["fsdp"] > 1:  # a conv kernel really is split over its output channels
             kernel = state.params["input_blocks_1_0"]["in_conv"]["kernel"]
             assert kernel.sharding.shard_shape(kernel.shape) == (3, 3, 64, 16)
-        fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                            parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)))
-        with jax.set_mesh(mesh):
-            for _ in range(2):
-                state, metrics = fn(state, batch, jax.random.PRNGKey(1))
-        results.append(jax.device_get((state.params, state.ema_params, metrics)))
+            split.append(sizes["fsdp"])
+
+    results = test_train.steps_on_1_and_8_devices(
+        model, tx, step_fn, batch, 2, check_state=check_state,
+        keep=lambda s, m: (s.params, s.ema_params, m))
+    assert split == [4]
     assert np.isfinite(results[0][2]["loss"])
     # Same math, another reduction order: float32 round-off, which Adam's division by √v
     # turns into up to ~1 % of one 1e-3 update where a gradient is near zero.

@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_dit_jax import multi_expert, parallel
+from switch_dit_jax import multi_expert
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
-from switch_dit_jax.models import DiT, build_model, dtr, layers, moe
-from switch_dit_jax.train.state import create_train_state, make_optimizer
-from switch_dit_jax.train.step import make_diffusion, make_train_step
+from switch_dit_jax.models import build_model, dtr, layers, moe
 
 import test_train
 
@@ -21,21 +19,7 @@ QUARTERS = [(0, 250), (250, 500), (500, 750), (750, 1000)]
 
 def test_multi_expert_member_never_sees_a_timestep_outside_its_interval():
     config = test_train.tiny_config(**{"diffusion.t_range": (250, 500)})
-    model = build_model(config.model)
-    tx = make_optimizer(config.train)
-    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
-    seen = []
-
-    def record(next_fn, args, kwargs, context):
-        if isinstance(context.module, DiT) and context.method_name == "__call__":
-            jax.debug.callback(lambda t: seen.append(np.asarray(t)), args[1])
-        return next_fn(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
-        for i in range(3):
-            state, _ = step(state, test_train.fixed_batch(), jax.random.PRNGKey(i))
+    _, _, seen = test_train.train_seeing_dit_calls(config, 3, lambda dit, x, t: t)
     t = np.concatenate(seen)
     assert t.size == 48
     assert t.min() >= 250 and t.max() < 500

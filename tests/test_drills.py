@@ -30,6 +30,7 @@ from switch_dit_jax.train import guard as guard_lib
 from switch_dit_jax.train import loop
 from switch_dit_jax.train import workdir_lock
 from switch_dit_jax.train.checkpoint import Checkpointer
+from switch_dit_jax.train.checkpoint_fallback import NoUsableCheckpointError
 from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
 from switch_dit_jax.train.step import make_diffusion, make_train_step
 
@@ -259,12 +260,12 @@ def test_every_checkpoint_broken_is_one_sentence(trained, tmp_path):
     workdir = copy_run(trained, tmp_path)
     for step in (2, 4):
         os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
-    with pytest.raises(ckpt_lib.NoUsableCheckpointError) as err:
+    with pytest.raises(NoUsableCheckpointError) as err:
         loop.restore_latest(config(), workdir)
     assert "step 4: state/_METADATA" in str(err.value) and "step 2:" in str(err.value)
     assert "\n" not in str(err.value)
-    with pytest.raises(ckpt_lib.NoUsableCheckpointError, match="running again trains from "
-                                                               "scratch"):
+    with pytest.raises(NoUsableCheckpointError, match="running again trains from "
+                                                      "scratch"):
         loop.train_and_evaluate(config(), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "corrupt"))) == ["2", "4"]
     assert steps_in(workdir) == []  # so the next run starts from scratch

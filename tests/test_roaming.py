@@ -1,15 +1,10 @@
 """MaxRoaming (DTR Table 8) masks against the definition of Pascal et al. 2021, replayed swap by
 swap, and their path through the train step (masks follow the step counter on the device)."""
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_dit_jax import parallel
-from switch_dit_jax.models import DiT, build_model, roaming
-from switch_dit_jax.train.state import create_train_state, make_optimizer
-from switch_dit_jax.train.step import make_diffusion, make_train_step
+from switch_dit_jax.models import build_model, roaming
 
 import test_train
 
@@ -78,23 +73,8 @@ def maxroaming_config(**extra):
 
 
 def test_train_step_masks_follow_the_step_and_sampling_uses_the_final_ones():
-    config = maxroaming_config()
-    model = build_model(config.model)
-    tx = make_optimizer(config.train)
-    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
-    seen = []
-
-    def record(next_fn, args, kwargs, context):
-        if isinstance(context.module, DiT) and context.method_name == "__call__":
-            jax.debug.callback(lambda t, m: seen.append((np.asarray(t), np.asarray(m))),
-                               args[1], roaming.block_rows(context.module, 0, args[1]))
-        return next_fn(*args, **kwargs)
-
-    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
-    with nn.intercept_methods(record):
-        for i in range(5):
-            state, _ = step(state, test_train.fixed_batch(), jax.random.PRNGKey(i))
+    model, state, seen = test_train.train_seeing_dit_calls(
+        maxroaming_config(), 5, lambda dit, x, t: (t, roaming.block_rows(dit, 0, t)))
     width, r = model.hidden_size, model.routing
     assert len(seen) == 5
     for s, (t, rows) in enumerate(seen):

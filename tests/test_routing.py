@@ -240,27 +240,15 @@ def routed_config(**overrides):
 
 @pytest.mark.parametrize("weighting_kind", ["ant_uw", "p2"])
 def test_routed_train_step_on_8_devices_matches_1_device(weighting_kind):
-    from switch_dit_jax import parallel
-    from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
+    from switch_dit_jax.train.state import make_optimizer
     from switch_dit_jax.train.step import make_diffusion, make_train_step
 
     config = routed_config(**{"loss.weighting": weighting_kind})
     model = build_model(config.model)
     tx = make_optimizer(config.train, config.loss)
     step_fn = make_train_step(model, make_diffusion(config), tx, config)
-    results = []
-    for sizes, devices in ((dict(data=1, fsdp=1, expert=1), jax.devices()[:1]),
-                           (dict(data=2, fsdp=4, expert=1), jax.devices())):
-        mesh = parallel.make_mesh(sizes, devices)
-        _, shardings = state_shardings(model, tx, mesh, config.loss)
-        state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, config.loss)
-        fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                            parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)))
-        with jax.set_mesh(mesh):
-            for _ in range(3):
-                state, metrics = fn(state, test_train.fixed_batch(), jax.random.PRNGKey(1))
-        results.append(jax.device_get((state.params, metrics)))
+    results = test_train.steps_on_1_and_8_devices(model, tx, step_fn, test_train.fixed_batch(),
+                                                  3, loss_config=config.loss)
     assert results[0][1]["prior_loss"] > 0 and results[0][1]["load_balance_loss"] > 0
     if weighting_kind == "ant_uw":  # the log-variances move at their own rate (Adam, 0.025)
         log_var = results[0][0]["ant_uw"]["log_var"]

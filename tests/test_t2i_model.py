@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+import test_train
 from fake_text import FakeEncoder
 from switch_dit_jax import parallel, sample
 from switch_dit_jax.config_base import get_base_config
@@ -210,19 +211,7 @@ def test_sharded_text_step_on_8_devices_matches_1_device():
     model = build_model(config.model)
     tx = make_optimizer(config.train)
     step_fn = make_train_step(model, make_diffusion(config), tx, config, null_condition())
-    results = []
-    for sizes, devices in ((dict(data=1, fsdp=1, expert=1), jax.devices()[:1]),
-                           (dict(data=2, fsdp=4, expert=1), jax.devices())):
-        mesh = parallel.make_mesh(sizes, devices)
-        _, shardings = state_shardings(model, tx, mesh)
-        state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
-        fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                            parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)))
-        with jax.set_mesh(mesh):
-            for _ in range(2):
-                state, metrics = fn(state, train_batch(), jax.random.PRNGKey(1))
-        results.append(jax.device_get((state.params, metrics)))
+    results = test_train.steps_on_1_and_8_devices(model, tx, step_fn, train_batch(), 2)
     assert np.isfinite(results[0][1]["loss"])
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)

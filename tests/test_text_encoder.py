@@ -192,3 +192,30 @@ def test_tiny_cli_covers_the_digit_captions(tmp_path):
         assert row[real][0] == eos - 1 and row[real][-1] == eos and eos not in body
     hidden, _ = encoder.encode(captions[4:6])
     assert np.abs(hidden[0, 3] - hidden[1, 3]).max() > 0.1  # "0" and "1" encode apart
+
+
+def test_config_reads_hugging_face_names_and_defaults_to_vit_l14(tmp_path):
+    from switch_dit_jax.text.config import read_config
+    path = tmp_path / "config.json"
+    # what config.json omits is OpenAI's clip-vit-large-patch14 (its published config.json)
+    path.write_text(json.dumps({"text_config": {}, "vision_config": {}}))
+    c = read_config(str(tmp_path))
+    assert (c.text.tower.width, c.text.tower.layers, c.text.tower.heads,
+            c.text.tower.mlp_width) == (768, 12, 12, 3072)
+    assert (c.text.vocab_size, c.text.max_length, c.text.eos_token_id) == (49408, 77, 49407)
+    assert (c.vision.tower.width, c.vision.tower.layers, c.vision.tower.heads,
+            c.vision.tower.mlp_width) == (1024, 24, 16, 4096)
+    assert (c.vision.image_size, c.vision.patch_size, c.vision.channels) == (224, 14, 3)
+    assert c.projection_dim == 768
+    path.write_text(json.dumps({
+        "text_config": {"max_position_embeddings": 33, "vocab_size": 50, "eos_token_id": 2},
+        "vision_config": {"num_channels": 1, "image_size": 28, "patch_size": 7}}))
+    c = read_config(str(tmp_path))
+    assert (c.text.vocab_size, c.text.max_length, c.text.eos_token_id) == (50, 33, 2)
+    assert (c.vision.image_size, c.vision.patch_size, c.vision.channels) == (28, 7, 1)
+    path.write_text(json.dumps({"text_config": {}, "vision_config": {"num_channels": 0}}))
+    with pytest.raises(BadFileError, match="num_channels=0, which must be a positive integer"):
+        read_config(str(tmp_path))
+    path.write_text(json.dumps({"max_position_embeddings": True}))  # a CLIPTextModel config
+    with pytest.raises(BadFileError, match="max_position_embeddings=True"):
+        read_config(str(tmp_path))

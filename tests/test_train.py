@@ -6,13 +6,14 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from switch_dit_jax import parallel
 from switch_dit_jax.config_base import load_config
-from switch_dit_jax.models import build_model
+from switch_dit_jax.models import DiT, build_model
 from switch_dit_jax.train import loop
 from switch_dit_jax.train.checkpoint import Checkpointer
 from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
@@ -59,6 +60,56 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def train_seeing_dit_calls(config, steps, see):
+    """`steps` train steps of `config` on `fixed_batch()` on one device, calling `see(dit, x, t)`
+    in every DiT forward pass; returns (model, final state, the host values `see` returned, one
+    per call in order)."""
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    seen = []
+
+    def intercept(next_fn, args, kwargs, context):
+        if isinstance(context.module, DiT) and context.method_name == "__call__":
+            jax.debug.callback(lambda v: seen.append(jax.tree.map(np.asarray, v)),
+                               see(context.module, *args[:2]))
+        return next_fn(*args, **kwargs)
+
+    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
+    with nn.intercept_methods(intercept):
+        for i in range(steps):
+            state, _ = step(state, fixed_batch(), jax.random.PRNGKey(i))
+    return model, state, seen
+
+
+ONE_DEVICE, DATA_BY_FSDP = dict(data=1, fsdp=1, expert=1), dict(data=2, fsdp=4, expert=1)
+
+
+def steps_on_1_and_8_devices(model, tx, step_fn, batch, steps, mesh_sizes=DATA_BY_FSDP, *,
+                             loss_config=None, check_state=None,
+                             keep=lambda state, metrics: (state.params, metrics)):
+    """`steps` jitted train steps from the same initial state on one device and on all 8 (the
+    simulated CPU devices of conftest.py) split as `mesh_sizes`, state and batch sharded as in
+    training; returns both runs' host copies of `keep(state, metrics)`. `check_state(state,
+    sizes)` sees each run's fresh state (e.g. to check that a kernel really is split)."""
+    results = []
+    for sizes, devices in ((ONE_DEVICE, jax.devices()[:1]), (mesh_sizes, jax.devices())):
+        mesh = parallel.make_mesh(sizes, devices)
+        _, shardings = state_shardings(model, tx, mesh, loss_config)
+        state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh, loss_config)
+        if check_state is not None:
+            check_state(state, sizes)
+        fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                            parallel.replicated(mesh)),
+                     out_shardings=(shardings, parallel.replicated(mesh)))
+        with jax.set_mesh(mesh):
+            for _ in range(steps):
+                state, metrics = fn(state, batch, jax.random.PRNGKey(1))
+        results.append(jax.device_get(keep(state, metrics)))
+    return results
+
+
 DIFFMOE = {"model.depth": 2, "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 8}
 
 
@@ -72,27 +123,21 @@ def test_step_on_8_devices_matches_1_device(mesh_sizes, overrides):
     model = build_model(config.model)
     tx = make_optimizer(config.train)
     step_fn = make_train_step(model, make_diffusion(config), tx, config)
-    batch = fixed_batch()
-    results = []
-    for sizes, devices in ((dict(data=1, fsdp=1, expert=1), jax.devices()[:1]),
-                           (mesh_sizes, jax.devices())):
-        mesh = parallel.make_mesh(sizes, devices)
-        _, shardings = state_shardings(model, tx, mesh)
-        state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
+    split = []
+
+    def check_state(state, sizes):
         if sizes["fsdp"] > 1:  # parameters really are split over the fsdp axis
             kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
             assert kernel.sharding.shard_shape(kernel.shape) == (32 // sizes["fsdp"], 128)
         if sizes["expert"] > 1:  # and experts over the expert axis
             kernel = state.params["blocks_1"]["mlp"]["experts"]["fc1_kernel"]
             assert kernel.sharding.shard_shape(kernel.shape)[0] == 8 // sizes["expert"]
-        fn = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                            parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)))
-        with jax.set_mesh(mesh):
-            for _ in range(3):
-                state, metrics = fn(state, batch, jax.random.PRNGKey(1))
-        results.append(jax.device_get((state.params, state.ema_params, state.model_state,
-                                       state.ema_model_state, metrics)))
+        split.append(sizes)
+
+    results = steps_on_1_and_8_devices(
+        model, tx, step_fn, fixed_batch(), 3, mesh_sizes, check_state=check_state,
+        keep=lambda s, m: (s.params, s.ema_params, s.model_state, s.ema_model_state, m))
+    assert split == [ONE_DEVICE, mesh_sizes]
     # Same math, different reduction order across devices: float32 round-off only.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

@@ -16,16 +16,15 @@ samples, i.e. all 40,504 of val2014), one caption each (the one with the lowest 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import zipfile
 
 import numpy as np
 from PIL import Image
 
+from switch_dit_jax import cli
 from switch_dit_jax.data import captions as captions_lib
 from switch_dit_jax.vae import sha256_file
 from switch_dit_jax.data.sources import center_crop_arr
@@ -221,8 +220,7 @@ def write_val_set(*, image_dir: str, annotations: str, out_dir: str, text_encode
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m switch_dit_jax.data.coco",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.parser("switch_dit_jax.data.coco", __doc__)
     p.add_argument("--image_dir", required=True, help="COCO val2014/ (or val2017/)")
     p.add_argument("--annotations", required=True, help="captions_val2014.json")
     p.add_argument("--text_encoder", required=True, help="Hugging Face CLIP directory")
@@ -231,13 +229,8 @@ def main(argv=None) -> dict:
                    help="images (and captions); default DTR's 50K, capped at what exists")
     p.add_argument("--image_size", type=int, default=256, help="reference crop size")
     p.add_argument("--batch_size", type=int, default=64, help="captions per encoder call")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    return write_val_set(**vars(args))
+    return write_val_set(**vars(cli.parse(p, argv)))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main, (ValueError, OSError))

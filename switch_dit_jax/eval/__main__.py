@@ -11,18 +11,15 @@ reference's statistics and activations, which later runs can pass as the referen
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import sys
 import time
 
+from switch_dit_jax import cli
 from switch_dit_jax.eval import load_network, metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m switch_dit_jax.eval",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.parser("switch_dit_jax.eval", __doc__)
     p.add_argument("samples", help="sample batch .npz (arr_0: uint8 NHWC images)")
     p.add_argument("reference", help="reference batch .npz (ADM format)")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
@@ -32,12 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per step, split over all devices")
     p.add_argument("--save_reference", default=None,
                    help="also write the reference statistics and activations here")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if not args.inception_weights:
         raise SystemExit("no Inception weights: pass --inception_weights PATH.npz or set "
                          "$FID_INCEPTION_WEIGHTS (see switch_dit_jax/eval/inception.py).")
@@ -54,17 +50,9 @@ def main(argv=None) -> dict:
     result = metrics.image_metrics(features, reference)
     result.update(num_samples=len(samples), samples=args.samples, reference=args.reference,
                   seconds=round(time.time() - start, 1))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    cli.report_json(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad files or weights: one sentence, no trace
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)

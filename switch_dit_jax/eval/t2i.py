@@ -13,16 +13,13 @@ score is `switch_dit_jax.text.clip_score` (mean of 100·max(cos, 0)) over the sa
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 
-from switch_dit_jax import files
+from switch_dit_jax import cli, files
 
 log = logging.getLogger("switch_dit_jax")
 
@@ -94,8 +91,7 @@ def evaluate_t2i(samples_npz: str, reference_npz: str, clip_dir: str, inception=
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m switch_dit_jax.eval.t2i",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.parser("switch_dit_jax.eval.t2i", __doc__)
     p.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8, prompts)")
     p.add_argument("--reference", required=True, help="val_reference_<size>.npz (ADM format)")
     p.add_argument("--text_encoder", required=True, help="Hugging Face CLIP directory")
@@ -104,25 +100,16 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=200, help="Inception images per step")
     p.add_argument("--clip_batch_size", type=int, default=64, help="CLIP images per step")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = cli.parse(p, argv)
     start = time.time()
     result = evaluate_t2i(args.samples, args.reference, args.text_encoder,
                           args.inception_weights, batch_size=args.batch_size,
                           clip_batch_size=args.clip_batch_size)
     result.update(samples=args.samples, reference=args.reference,
                   text_encoder=args.text_encoder, seconds=round(time.time() - start, 1))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    cli.report_json(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad files or weights: one sentence
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)

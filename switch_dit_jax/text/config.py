@@ -31,11 +31,17 @@ class Tower:
     eps: float = 1e-5
 
 
+def _named(key: str, default: int):
+    """A field that config.json spells `key` (the others keep their own name there)."""
+    return dataclasses.field(default=default, metadata={"key": key})
+
+
+# A tower config's fields after `tower` are read from config.json by `_tower_config`.
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     tower: Tower
     vocab_size: int = 49408
-    max_length: int = 77
+    max_length: int = _named("max_position_embeddings", 77)
     eos_token_id: int = 49407
 
 
@@ -44,7 +50,7 @@ class VisionConfig:
     tower: Tower
     image_size: int = 224
     patch_size: int = 14
-    channels: int = 3
+    channels: int = _named("num_channels", 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +106,16 @@ def _tower(fields: dict, path: str, width: int, layers: int, heads: int) -> Towe
                  _int(fields, "intermediate_size", 4 * width, path), act, float(eps))
 
 
+def _tower_config(cls, fields: dict, path: str, *, width: int, layers: int, heads: int,
+                  **given):
+    """`cls` (TextConfig or VisionConfig) of one section of config.json: its tower, then each
+    field that `given` does not set, a positive integer (the dataclass default where the file
+    omits it)."""
+    sizes = {f.name: _int(fields, f.metadata.get("key", f.name), f.default, path)
+             for f in dataclasses.fields(cls)[1:] if f.name not in given}
+    return cls(_tower(fields, path, width, layers, heads), **sizes, **given)
+
+
 def _section(config: dict, name: str) -> dict:
     fields = dict(config.get(name) or {})
     fields.update(config.get(name + "_dict") or {})  # transformers lets *_dict win
@@ -112,19 +128,14 @@ def read_config(model_dir: str) -> ClipConfig:
     config = read_json(path)
     full = "text_config" in config or "text_config_dict" in config
     text_fields = _section(config, "text_config") if full else config
-    text = TextConfig(
-        _tower(text_fields, path, width=768, layers=12, heads=12),
-        _int(text_fields, "vocab_size", 49408, path),
-        _int(text_fields, "max_position_embeddings", 77, path),
-        int(text_fields.get("eos_token_id", 49407)))
+    # eos_token_id is an id, not a size (and 2 in OpenAI's own files: see clip.eos_positions)
+    eos = int(text_fields.get("eos_token_id", TextConfig.eos_token_id))
+    text = _tower_config(TextConfig, text_fields, path, width=768, layers=12, heads=12,
+                         eos_token_id=eos)
     vision = None
     if full:
-        vision_fields = _section(config, "vision_config")
-        vision = VisionConfig(
-            _tower(vision_fields, path, width=1024, layers=24, heads=16),
-            _int(vision_fields, "image_size", 224, path),
-            _int(vision_fields, "patch_size", 14, path),
-            _int(vision_fields, "num_channels", 3, path))
+        vision = _tower_config(VisionConfig, _section(config, "vision_config"), path,
+                               width=1024, layers=24, heads=16)
         if vision.image_size % vision.patch_size:
             raise BadFileError(f"{path!r} gives image_size={vision.image_size}, which "
                                f"patch_size={vision.patch_size} does not divide; the file is "

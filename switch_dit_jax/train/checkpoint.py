@@ -7,10 +7,11 @@ mid-save leaves the previous step as the newest restorable one; the leftover tem
 is ignored when listing steps and deleted by the next run's first save.
 
 Nothing non-finite is saved (`save` checks the state on the device first). Resuming goes
-through `restore_newest_intact`: the newest step that is structurally whole, reads back
-completely and is finite; broken steps are moved to `checkpoints/corrupt/<step>` by the trainer
-(only skipped by readers), each with a one-line reason. A background save that fails is
-raised as a one-sentence CheckpointSaveError as soon as `raise_if_save_failed` sees it.
+through `restore_newest_intact` (checkpoint_fallback.py): the newest step that is structurally
+whole, reads back completely and is finite; broken steps are moved to
+`checkpoints/corrupt/<step>` by the trainer (only skipped by readers), each with a one-line
+reason. A background save that fails is raised as a one-sentence CheckpointSaveError as soon as
+`raise_if_save_failed` sees it.
 
 A run may resume with another number of processes: the train state is resharded exactly, but
 grain's per-process iterator positions belong to the old shard layout, so the data stream
@@ -32,6 +33,7 @@ from etils import epath
 from switch_dit_jax.errors import UserError
 from switch_dit_jax.train import checkpoint_checks as checks
 from switch_dit_jax.train import guard
+from switch_dit_jax.train.checkpoint_fallback import IntactRestore
 from switch_dit_jax.train.fingerprint import (ConfigMismatchError, config_fingerprint,
                                                fingerprint_diff)
 
@@ -44,10 +46,6 @@ class CheckpointSaveError(UserError):
     """A (background) save failed; the previous checkpoint is still the latest."""
 
 
-class NoUsableCheckpointError(UserError):
-    """Every checkpoint of a workdir failed validation."""
-
-
 def resumed_data_seed(seed: int, step: int) -> int:
     """The data seed of a run resumed at `step` with a different number of processes.
 
@@ -57,8 +55,9 @@ def resumed_data_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1)[0])
 
 
-class Checkpointer:
-    """Saves and restores TrainState + grain iterator + config under `<workdir>/checkpoints`.
+class Checkpointer(IntactRestore):
+    """Saves and restores TrainState + grain iterator + config under `<workdir>/checkpoints`;
+    `restore_newest_intact` (the fallback past broken steps) comes from `IntactRestore`.
 
     Every process of a multi-process run must make the same calls (Orbax synchronises them).
     """
@@ -319,104 +318,6 @@ class Checkpointer:
             self._warn_data_restarts(step, saved_count)
         else:
             self._restore_data(step, data_iterator, meta)
-
-    # -- fallback past broken checkpoints --------------------------------------------------------
-
-    def restore_newest_intact(self, abstract_state, shardings, *, move_corrupt: bool):
-        """(step, TrainState) of the newest checkpoint that passes validation, or None when the
-        directory holds no checkpoint at all.
-
-        Each step is checked newest first: its items and metadata are there and readable, every
-        array of the state reads back and is finite, and this process's data-iterator file
-        parses. A step that fails is reported in one log line with the reason, then moved to
-        `checkpoints/corrupt/STEP` (`move_corrupt`, the trainer) or only skipped (readers:
-        sampling, analysis), and the next older step is tried. A step written with a different
-        config is not broken: ConfigMismatchError, as from `restore`. With every step broken,
-        NoUsableCheckpointError. Every process must call this together; they agree on each
-        verdict, and only process 0 moves directories.
-        """
-        self._manager.wait_until_finished()
-        failures = []
-        for step in sorted(self.all_steps(), reverse=True):
-            state, reason = self._validate(step, abstract_state, shardings)
-            reason = checks.agree(reason)
-            if reason is None:
-                if failures and jax.process_index() == 0:
-                    log.warning("restoring step %d, the newest intact checkpoint in %s.", step,
-                                self.directory)
-                return step, state
-            del state
-            failures.append((step, reason))
-            self._report_broken(step, reason, move_corrupt)
-        if not failures:
-            return None
-        listing = "; ".join(f"step {s}: {r}" for s, r in failures)
-        if move_corrupt:
-            raise NoUsableCheckpointError(
-                f"every checkpoint in {self.directory} is unusable ({listing}); they were moved to "
-                f"{self.directory / checks.CORRUPT_DIR}, so running again trains from scratch, or "
-                "move an intact one back to resume.")
-        raise NoUsableCheckpointError(
-            f"no usable checkpoint in {self.directory} ({listing}); train again (--mode=train) or "
-            "point --workdir at a run with an intact checkpoint.")
-
-    def _report_broken(self, step: int, reason: str, move: bool) -> None:
-        older = [s for s in self.all_steps() if s < step]
-        then = f"trying step {max(older)}" if older else "no older checkpoint is left"
-        if not move:
-            if jax.process_index() == 0:
-                log.warning("checkpoint step %d in %s is unusable (%s); skipping it (readers move "
-                            "nothing), %s.", step, self.directory, reason, then)
-            return
-        if jax.process_index() == 0:
-            target = self.directory / checks.CORRUPT_DIR / str(step)
-            n = 0
-            while target.exists():  # the same step broke before: keep both copies
-                n += 1
-                target = self.directory / checks.CORRUPT_DIR / f"{step}.{n}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(target)
-            log.warning("checkpoint step %d in %s is unusable (%s); moved it to %s, %s.", step,
-                        self.directory, reason, target, then)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"switch_dit_jax: moved checkpoint {step} aside")
-        self._manager.reload()  # the moved step is no longer one of ours (nor counted by keep-N)
-
-    def _validate(self, step: int, abstract_state, shardings):
-        """(state, None) when step `step` is intact, else (None, one-line reason); raises
-        ConfigMismatchError for a readable checkpoint of another config."""
-        path = self.directory / str(step)
-        reason = checks.structure_problem(path)
-        if reason:
-            return None, reason
-        try:
-            meta = self.saved_config(step)
-        except Exception as e:  # pylint: disable=broad-except
-            return None, f"config/metadata cannot be read: {checks.summary(e)}"
-        if not (isinstance(meta, dict) and isinstance(meta.get("fingerprint"), dict)):
-            return None, "config/metadata does not describe a checkpoint of this package"
-        self._check_fingerprint(step, meta)
-        if meta.get("process_count", 1) == jax.process_count():
-            name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-            data_file = path / "data" / name
-            try:
-                json.loads(data_file.read_text())
-            except FileNotFoundError:
-                return None, f"data/{data_file.name} is missing"
-            except (ValueError, OSError) as e:
-                return None, f"data/{data_file.name} cannot be read: {checks.summary(e)}"
-        reason = checks.ocdbt_problem(path / "state")
-        if reason:
-            return None, reason
-        try:
-            state = self._restore_state(step, abstract_state, shardings)
-        except Exception as e:  # pylint: disable=broad-except
-            return None, f"its state does not read back: {checks.summary(e)}"
-        bad = guard.nonfinite_parts(state)
-        if bad:
-            return None, f"its {', '.join(bad)} hold NaN or inf"
-        return state, None
 
     def _warn_data_restarts(self, step: int, saved_count: int) -> None:
         # Grain keeps one position per process in a per-process shuffle; no mapping takes the
