@@ -17,8 +17,6 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from switch_dit_jax.models import xla_cpu
-
 log = logging.getLogger("switch_dit_jax")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -64,28 +62,7 @@ def _log_choice(choice: str, platform: str, dtype: str, head_dim: int) -> None:
              choice, platform, dtype, head_dim)
 
 
-def _heads_first(x):
-    """[B, S, H, Dh] -> [B·H, S, Dh]."""
-    b, s, h, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
-
-
-def _heads_last(x, b: int):
-    """[B·H, S, Dh] -> [B, S, H, Dh]."""
-    n, s, d = x.shape
-    return x.reshape(b, n // b, s, d).transpose(0, 2, 1, 3)
-
-
-def _stored_on_cpu(x):
-    # XLA:CPU folds a transpose into the matmul that reads it, and a batched matmul that
-    # contracts the row dimension of both operands (pᵀ·dO, dSᵀ·Q) runs 2.5x slower there than
-    # one on row-major operands; storing the transposed operand and product keeps both
-    # products row-major. Elsewhere (cuBLAS) transposed operands cost nothing.
-    return xla_cpu.stored(x) if jax.default_backend() == "cpu" else x
-
-
 def _forward(q, k, v):
-    """Heads-first [N, S, Dh] operands -> (output, softmax probabilities)."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqd,bkd->bqk", q * jnp.asarray(scale, q.dtype), k,
                         preferred_element_type=jnp.float32)
@@ -96,33 +73,26 @@ def _forward(q, k, v):
 
 @jax.custom_vjp
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q kᵀ / √Dh) v for [B, S, H, Dh] operands."""
-    return _heads_last(_forward(*map(_heads_first, (q, k, v)))[0], q.shape[0])
+    """softmax(q kᵀ / √Dh) v for heads-first [N, S, Dh] operands (N = batch · heads)."""
+    return _forward(q, k, v)[0]
 
 
 def _xla_attention_fwd(q, k, v):
-    qh, kh, vh = map(_heads_first, (q, k, v))
-    o, p = _forward(qh, kh, vh)
-    out = _heads_last(o, q.shape[0])
-    return out, (_stored_on_cpu(jnp.swapaxes(qh, 1, 2)), kh, vh, p, out)
+    o, p = _forward(q, k, v)
+    return o, (q, k, v, p, o)
 
 
-def _xla_attention_bwd(residuals, dout):
-    q_t, kh, vh, p, out = residuals
-    b = dout.shape[0]
-    scale = q_t.shape[1] ** -0.5
+def _xla_attention_bwd(residuals, do):
+    q, k, v, p, o = residuals
+    scale = q.shape[-1] ** -0.5
     f32 = jnp.float32
-    do = _heads_first(dout)
-    do_t = _stored_on_cpu(jnp.swapaxes(do, 1, 2))
-    dp = jnp.einsum("bqd,bkd->bqk", do, vh, preferred_element_type=f32)
-    row = _heads_first(jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True))
-    ds = (p * (dp - row)).astype(kh.dtype)
-    dq = jnp.einsum("bqk,bkd->bqd", ds, kh, preferred_element_type=f32) * scale
-    dk_t = jnp.einsum("bdq,bqk->bdk", q_t, ds, preferred_element_type=f32) * scale
-    dv_t = jnp.einsum("bdq,bqk->bdk", do_t, p.astype(do.dtype), preferred_element_type=f32)
-    transposed = lambda g: jnp.swapaxes(_stored_on_cpu(g), 1, 2)  # noqa: E731
-    return (_heads_last(dq, b).astype(kh.dtype), _heads_last(transposed(dk_t), b).astype(kh.dtype),
-            _heads_last(transposed(dv_t), b).astype(vh.dtype))
+    dp = jnp.einsum("bqd,bkd->bqk", do, v, preferred_element_type=f32)
+    row = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+    ds = (p * (dp - row)).astype(q.dtype)
+    dq = jnp.einsum("bqk,bkd->bqd", ds, k, preferred_element_type=f32) * scale
+    dv = jnp.einsum("bqk,bqd->bkd", p.astype(do.dtype), do, preferred_element_type=f32)
+    dk = jnp.einsum("bqk,bqd->bkd", ds, q, preferred_element_type=f32) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
@@ -132,4 +102,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementatio
     """[B, S, H, Dh] queries, keys, values -> [B, S, H, Dh] with the chosen kernel."""
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return xla_attention(q, k, v)
+    b, s, h, d = q.shape
+    heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)  # noqa: E731
+    out = xla_attention(heads_first(q), heads_first(k), heads_first(v))
+    return out.reshape(b, h, s, d).transpose(0, 2, 1, 3)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import dtr, layers, roaming, xla_cpu
+from switch_dit_jax.models import dtr, layers, roaming
 from switch_dit_jax.models import moe
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
@@ -256,7 +256,7 @@ class DiT(nn.Module):
                           self.attention_impl, ffn_factory=self.ffn_factory(i),
                           integration=integration, head_dim=self.head_dim,
                           name=f"blocks_{i}")(h, c, mask, train, context)
-            h = xla_cpu.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
+            h = layers.materialize(nn.with_logical_constraint(h, ("batch", "length", "act_embed")))
 
         h = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(h, c)
         return self.unpatchify(h)
