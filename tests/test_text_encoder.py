@@ -107,7 +107,9 @@ def test_encode_is_tokenise_then_encode_ids_in_any_batching(clip_dir):
     np.testing.assert_array_equal(mask, mask2)
     sd, config = read_dir(clip_dir)
     np.testing.assert_allclose(hidden, text_hidden(sd, config, ids), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(encoder.encode(texts)[0], hidden, atol=1e-6, rtol=0)
+    # other batch sizes block the float32 matmuls differently: round-off only (a batching bug
+    # would mix captions, an O(1) difference)
+    np.testing.assert_allclose(encoder.encode(texts)[0], hidden, atol=1e-5, rtol=0)
     assert encoder.width == 32 and encoder.max_length == 16
     with pytest.raises(UserError, match="list of strings"):
         encoder.encode("a seven")
