@@ -67,8 +67,8 @@ def get_base_config() -> ConfigDict:
     # Official n_shared_experts: an always-on expert added to every mixture's output (DiffMoE:
     # one GELU MLP of twice the expert width when > 0; TC-/EC-DiT: a SwiGLU of width n·D).
     c.model.ffn.shared_experts = 0
-    # Official DiffMoE capacity_schedule (stage_I_iters, stage_II_iters): C_train = E until
-    # stage I, then linear down to ffn.capacity at stage II; () = a constant C_train.
+    # Official DiffMoE / EC-DiT capacity_schedule (stage_I_iters, stage_II_iters): C_train = E
+    # until stage I, then linear down to ffn.capacity at stage II; () = a constant C_train.
     c.model.ffn.capacity_schedule = ()
     # EC-DiT inference: "static" (top int(S/E·C) per sample) | "dynamic" (DiffMoE Table 8's
     # "Local Dynamic Intra-sample Routing": a capacity predictor and thresholds per sample)

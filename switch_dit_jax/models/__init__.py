@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from switch_dit_jax.models import schedule
 from switch_dit_jax.models.attention import ATTENTION_IMPLS, choose_implementation
 from switch_dit_jax.models.dit import DIT_MODELS, REMAT_POLICIES, DiT, parse_model_name
 from switch_dit_jax.models.moe import MOE_KINDS
@@ -130,6 +131,9 @@ def resolve_ffn(ffn: Mapping[str, Any] | None) -> dict[str, Any]:
                       and 0 <= sched[0] < sched[1]):
         raise ValueError(f"model.ffn.capacity_schedule={sched!r} must be () or two training "
                          "steps (stage_I_iters, stage_II_iters) with 0 <= stage I < stage II.")
+    if sched and cfg["kind"] not in schedule.SCHEDULED_FFNS:
+        raise ValueError(f"model.ffn.capacity_schedule={sched!r} applies to model.ffn.kind "
+                         f"'diffmoe' or 'expert_choice', not {cfg['kind']!r}; set it to ().")
     cfg["capacity_schedule"] = sched
     if cfg["ec_inference"] not in ("static", "dynamic"):
         raise ValueError(f"model.ffn.ec_inference={cfg['ec_inference']!r}; use 'static' or "

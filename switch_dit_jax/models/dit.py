@@ -160,7 +160,8 @@ class DiT(nn.Module):
                                      **common)
         return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
                                  dynamic=f["ec_inference"] == "dynamic",
-                                 threshold_decay=f["threshold_decay"], **common)
+                                 threshold_decay=f["threshold_decay"],
+                                 capacity_schedule=tuple(f["capacity_schedule"]), **common)
 
     @property
     def routing_kind(self) -> str:

@@ -329,6 +329,9 @@ class ExpertChoiceMoE(nn.Module):
     shared_experts: int = 0
     dynamic: bool = False
     threshold_decay: float = 0.95
+    # The official EC-DiT's capacity_schedule, as DiffMoE's: C = E (every expert takes the whole
+    # sample) up to stage I, then linear down to `capacity` at stage II; () = off.
+    capacity_schedule: tuple = ()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -355,19 +358,36 @@ class ExpertChoiceMoE(nn.Module):
             return (pool.reshape(-1, s, d),
                     {n: r.reshape(-1, s, e_local) for n, r in routing.items()}, e_local)
 
-        def local(pool, routing, experts):  # samples are whole within a pool
-            tokens, per_sample, e_local = split(pool, routing)
+        def top_tokens(tokens, per_sample, experts, size, count):
+            """Every expert's best `size` tokens of each sample, of which the first `count`
+            (static or traced) count."""
+            e_local = per_sample["scores"].shape[-1]
+            keep = (jnp.arange(size)[None] < count).astype(jnp.float32) * jnp.ones((e_local, 1))
 
             def one_sample(tokens, r):
-                y, index = _expert_choice(tokens, r["scores"], jnp.ones((e_local, k)), experts)
+                y, index = _expert_choice(tokens, r["scores"], keep, experts)
                 dispatch = jnp.zeros((e_local, s), jnp.float32).at[
-                    jnp.arange(e_local)[:, None], index].set(1.0).T
-                kth = (jax.lax.top_k(r["predicted"].T, k)[0][:, -1] if "predicted" in r
-                       else jnp.zeros((e_local,)))
+                    jnp.arange(e_local)[:, None], index].set(keep).T
+                kth = (jax.lax.top_k(r["predicted"].T, size)[0][:, count - 1]
+                       if "predicted" in r else jnp.zeros((e_local,)))
                 return y, dispatch, kth
             y, dispatch, kth = jax.vmap(one_sample)(tokens, per_sample)
+            capacity = jnp.full((e_local,), count * e / s, jnp.float32)
             return (y.reshape(-1, d), {"dispatch": dispatch.reshape(-1, e_local)},
-                    {"kth": kth.mean(0), "capacity": jnp.full((e_local,), k * e / s)})
+                    {"kth": kth.mean(0), "capacity": capacity})
+
+        def local(pool, routing, experts):  # samples are whole within a pool
+            tokens, per_sample, _ = split(pool, routing)
+            if "train_capacity" not in experts:
+                return top_tokens(tokens, per_sample, experts, k, k)
+            weights = {n: w for n, w in experts.items() if n != "train_capacity"}
+            c = experts["train_capacity"][0]
+            # The official int((S / E) · C), in the same order of operations; above C_train
+            # every expert may need the whole sample, the tokens past the count masked.
+            count = jnp.clip(jnp.floor(s / e * c).astype(jnp.int32), 1, s)
+            return jax.lax.cond(c > self.capacity,
+                                lambda: top_tokens(tokens, per_sample, weights, s, count),
+                                lambda: top_tokens(tokens, per_sample, weights, k, k))
 
         def local_dynamic(pool, routing, experts):
             tokens, per_sample, e_local = split(pool, routing)
@@ -386,6 +406,10 @@ class ExpertChoiceMoE(nn.Module):
             y, _, per_expert = expert_parallel.run(
                 local_dynamic, pool, routing, {**experts, "threshold": threshold.value})
         else:
+            step = schedule.current_step(self) if train else None
+            if self.capacity_schedule and step is not None:
+                c = schedule.scheduled_capacity(step, self.capacity, e, *self.capacity_schedule)
+                experts = {**experts, "train_capacity": jnp.full((e,), c)}
             y, per_token, per_expert = expert_parallel.run(local, pool, routing, experts)
             if self.dynamic:
                 self.sow("aux", "capacity_logits", pred_logits)

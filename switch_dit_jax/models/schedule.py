@@ -7,7 +7,7 @@ number, and the module's parameters do not depend on it. Outside training (sampl
 evaluation) the collection is absent and `current_step` returns None; each user says what it
 means then.
 
-Users: MaxRoaming masks (models/roaming.py) and DiffMoE's `capacity_schedule`
+Users: MaxRoaming masks (models/roaming.py) and the DiffMoE and EC-DiT `capacity_schedule`
 (`scheduled_capacity`).
 """
 from __future__ import annotations
@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 
 SCHEDULE = "schedule"
+SCHEDULED_FFNS = ("diffmoe", "expert_choice")  # the FFNs with a capacity_schedule
 
 
 def needs_step(model) -> bool:
     """Whether `model` (a DiT or UNet) reads the training step."""
     routing, ffn = getattr(model, "routing", None) or {}, getattr(model, "ffn", None) or {}
     return (routing.get("kind") == "maxroaming"
-            or (ffn.get("kind") == "diffmoe" and tuple(ffn.get("capacity_schedule", ())) != ()))
+            or (ffn.get("kind") in SCHEDULED_FFNS
+                and tuple(ffn.get("capacity_schedule", ())) != ()))
 
 
 def schedule_variables(depth: int, step: jax.Array) -> dict:
