@@ -113,9 +113,11 @@ def test_sharded_adm_step_on_8_devices_matches_1_device(tmp_path):
     assert split == [4]
     assert np.isfinite(results[0][2]["loss"])
     # Same math, another reduction order: float32 round-off, which Adam's division by √v
-    # turns into up to ~1 % of one 1e-3 update where a gradient is near zero.
+    # turns into up to ~2 % of one 1e-3 update where a gradient is near zero (the worst is an
+    # out_conv kernel entry whose gradient, ~6e-10, is 3e4 times below its kernel's median:
+    # jax 0.10.2 gives 3.2e-6, jax 0.12 1.6e-5). A sharding bug is a whole update or more.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=3e-5)
 
 
 def restore_params(workdir, config):

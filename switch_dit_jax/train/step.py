@@ -267,7 +267,7 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
         model_state = {**state.model_state, **model_state}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # Computed here, on the device, so that the loop learns of a divergence from the
         # metrics it fetches anyway instead of syncing on every step.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
