@@ -54,9 +54,10 @@ def test_bad_schedule_is_refused_by_name():
         build_model({"name": "DiT-S/2", "ffn": {"kind": "diffmoe", "capacity_schedule": (30, 10)}})
 
 
-def test_train_step_hands_the_layer_its_step():
+def capacities_of_train_steps(kind: str, steps: int = 6) -> list[float]:
+    """The logged C^E of the first `steps` train steps of a tiny DiT with a (2, 4) schedule."""
     config = test_train.tiny_config(**{
-        "model.depth": 2, "model.ffn.kind": "diffmoe", "model.ffn.num_experts": 4,
+        "model.depth": 2, "model.ffn.kind": kind, "model.ffn.num_experts": 4,
         "model.ffn.capacity_schedule": (2, 4)})
     model = build_model(config.model)
     tx = make_optimizer(config.train)
@@ -64,9 +65,14 @@ def test_train_step_hands_the_layer_its_step():
     state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
     step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
     got = []
-    for i in range(6):
+    for i in range(steps):
         state, metrics = step(state, test_train.fixed_batch(), jax.random.PRNGKey(i))
         got.append(float(metrics["capacity"]))
+    return got
+
+
+def test_train_step_hands_the_layer_its_step():
+    got = capacities_of_train_steps("diffmoe")
     # Official: C = E = 4 up to iteration 2, then 1 + 3·(4 - it)/2, then C_train = 1; the
     # pool (16 images x 4 tokens, 16 per expert at C = 1) makes each value exact.
     np.testing.assert_allclose(got, [4, 4, 4, 2.5, 1, 1], rtol=1e-6)
@@ -95,18 +101,7 @@ def test_ecdit_takes_int_sample_over_e_times_scheduled_capacity_tokens_per_sampl
 
 
 def test_ecdit_train_step_follows_the_schedule_and_other_kinds_refuse_it():
-    config = test_train.tiny_config(**{
-        "model.depth": 2, "model.ffn.kind": "expert_choice", "model.ffn.num_experts": 4,
-        "model.ffn.capacity_schedule": (2, 4)})
-    model = build_model(config.model)
-    tx = make_optimizer(config.train)
-    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), mesh)
-    step = jax.jit(make_train_step(model, make_diffusion(config), tx, config))
-    got = []
-    for i in range(6):
-        state, metrics = step(state, test_train.fixed_batch(), jax.random.PRNGKey(i))
-        got.append(float(metrics["capacity"]))
+    got = capacities_of_train_steps("expert_choice")
     # 4 tokens per sample: k = int(4/4 · C) = 4, 4, 4, int(2.5) = 2, 1, 1 -> C^E = k · E / S.
     np.testing.assert_allclose(got, [4, 4, 4, 2, 1, 1], rtol=1e-6)
     with pytest.raises(ValueError, match="applies to model.ffn.kind 'diffmoe' or "
