@@ -16,7 +16,8 @@ from switch_dit_jax.data import coco
 from switch_dit_jax.data import extract as extract_lib
 from switch_dit_jax.data.captions import load_empty_caption
 from switch_dit_jax.data.pipeline import make_train_loader
-from switch_dit_jax.data.sources import LatentSource, center_crop_arr, decode_latent_record
+from switch_dit_jax.data.images import center_crop_arr
+from switch_dit_jax.data.sources import LatentSource, decode_latent_record
 from switch_dit_jax.eval import metrics
 from tiny_vae import EXTRACT_ARGS, encode, save_tiny_vae
 

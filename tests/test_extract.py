@@ -18,8 +18,8 @@ from switch_dit_jax import vae as vae_lib
 from switch_dit_jax.config_base import load_config
 from switch_dit_jax.data import extract as extract_lib
 from switch_dit_jax.data.pipeline import make_train_loader
-from switch_dit_jax.data.sources import (ImageFolder, LatentSource, center_crop_arr,
-                                         decode_latent_record)
+from switch_dit_jax.data.images import ImageFolder, center_crop_arr
+from switch_dit_jax.data.sources import LatentSource, decode_latent_record
 from switch_dit_jax.train import loop
 from tiny_vae import EXTRACT_ARGS, encode, save_tiny_vae
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from switch_dit_jax.data import images as images_lib
 from switch_dit_jax.data import pixels
-from switch_dit_jax.data.sources import center_crop_arr
+from switch_dit_jax.data.images import center_crop_arr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {"ant": 5, "bee": 4, "cow": 4}  # 13 images: 5 shards of 3, the last one short

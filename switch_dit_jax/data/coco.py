@@ -26,8 +26,8 @@ from PIL import Image
 
 from switch_dit_jax import cli
 from switch_dit_jax.data import captions as captions_lib
+from switch_dit_jax.data.images import center_crop_arr
 from switch_dit_jax.vae import sha256_file
-from switch_dit_jax.data.sources import center_crop_arr
 
 log = logging.getLogger("switch_dit_jax")
 

@@ -32,7 +32,7 @@ import grain.python as grain
 
 from switch_dit_jax.data.captions import (DigitsTextSource, decode_caption_block,
                                           encode_caption_block)
-from switch_dit_jax.data.images import ImageFolder, center_crop_arr  # noqa: F401 -- re-exported
+from switch_dit_jax.data.images import center_crop_arr
 from switch_dit_jax.data.shard_jobs import RecordShard, shard_name
 from switch_dit_jax.errors import BadFileError
 
