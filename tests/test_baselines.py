@@ -10,7 +10,7 @@ import pytest
 
 from switch_dit_jax import multi_expert
 from switch_dit_jax.diffusion.gaussian import GaussianDiffusion
-from switch_dit_jax.models import build_model, dtr, layers, moe
+from switch_dit_jax.models import build_model, dtr, layers, moe, moe_baselines
 
 import test_train
 
@@ -144,7 +144,7 @@ def test_swiglu_experts_and_shared_expert_follow_the_official_modules():
     expected += np.asarray(hidden @ sh["fc2"]["kernel"] + sh["fc2"]["bias"])
     np.testing.assert_allclose(np.asarray(y).reshape(b * s, d), expected, rtol=2e-5, atol=2e-5)
     # TC-DiT / EC-DiT: the shared expert is a SwiGLU of width n·D; dense blocks turn SwiGLU too.
-    tc = moe.TokenChoiceMoE(e, f, shared_experts=2)
+    tc = moe_baselines.TokenChoiceMoE(e, f, shared_experts=2)
     shapes = jax.eval_shape(tc.init, jax.random.PRNGKey(0), x)["params"]["shared_experts"]
     assert nn.unbox(shapes)["ffn"]["gate_proj"]["kernel"].shape == (d, 2 * d)
     model = build_model(dict(name="custom", depth=2, hidden_size=32, num_heads=2, patch_size=4,

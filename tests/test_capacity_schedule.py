@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from switch_dit_jax import parallel
-from switch_dit_jax.models import build_model, moe, schedule
+from switch_dit_jax.models import build_model, moe, moe_baselines, schedule
 from switch_dit_jax.train.state import create_train_state, make_optimizer
 from switch_dit_jax.train.step import make_diffusion, make_train_step
 
@@ -82,7 +82,7 @@ def test_train_step_hands_the_layer_its_step():
 def test_ecdit_takes_int_sample_over_e_times_scheduled_capacity_tokens_per_sample(step):
     # models_ECDiT.py: the same schedule, then k = int((S / E) · capacity) per sample.
     b, s, d, f = 3, 8, 8, 16
-    layer = moe.ExpertChoiceMoE(E, f, capacity=C, capacity_schedule=(STAGE_I, STAGE_II))
+    layer = moe_baselines.ExpertChoiceMoE(E, f, capacity=C, capacity_schedule=(STAGE_I, STAGE_II))
     x = jax.random.normal(jax.random.PRNGKey(2), (b, s, d))
     params = {"params": nn.unbox(layer.init(jax.random.PRNGKey(3), x))["params"]}
     variables = {**params, "schedule": {"step": jnp.asarray(step, jnp.int32)}}
@@ -90,11 +90,11 @@ def test_ecdit_takes_int_sample_over_e_times_scheduled_capacity_tokens_per_sampl
     k = int((s / E) * official(step))
     np.testing.assert_allclose(np.asarray(out["aux"]["capacity"][0]), k * E / s, rtol=1e-6)
     # A layer whose constant C_train gives the same k computes the same output.
-    fixed = moe.ExpertChoiceMoE(E, f, capacity=k * E / s)
+    fixed = moe_baselines.ExpertChoiceMoE(E, f, capacity=k * E / s)
     np.testing.assert_allclose(fixed.apply(params, x, train=True, mutable=["aux"])[0], y,
                                atol=1e-5, rtol=0)
     # Outside the train step (no schedule collection) the layer uses C_train.
-    plain = moe.ExpertChoiceMoE(E, f, capacity=C)
+    plain = moe_baselines.ExpertChoiceMoE(E, f, capacity=C)
     np.testing.assert_allclose(
         layer.apply(params, x, train=True, mutable=["aux"])[0],
         plain.apply(params, x, train=True, mutable=["aux"])[0], atol=1e-6, rtol=0)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_dit_jax.models import build_model, moe
+from switch_dit_jax.models import build_model, moe_baselines
 
 B, S, D, F, E = 3, 8, 8, 16, 4
 
@@ -19,7 +19,7 @@ def _predicted(params, x):
 
 
 def setup():
-    layer = moe.ExpertChoiceMoE(E, F, capacity=1.0, dynamic=True, threshold_decay=0.9)
+    layer = moe_baselines.ExpertChoiceMoE(E, F, capacity=1.0, dynamic=True, threshold_decay=0.9)
     x = jax.random.normal(jax.random.PRNGKey(0), (B, S, D))
     variables = nn.unbox(layer.init(jax.random.PRNGKey(1), x))
     return layer, x, {k: v for k, v in variables.items() if k != "aux"}

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from switch_dit_jax import parallel
-from switch_dit_jax.models import moe
+from switch_dit_jax.models import moe, moe_baselines
 
 B, S, D, E, F = 16, 4, 8, 8, 16
 # (data, fsdp, expert): experts on 1, 2, 4 and 8 devices.
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 LAYERS = {"diffmoe": lambda: moe.DiffMoE(E, F),
-          "token_choice": lambda: moe.TokenChoiceMoE(E, F, top_k=2),
-          "expert_choice": lambda: moe.ExpertChoiceMoE(E, F)}
+          "token_choice": lambda: moe_baselines.TokenChoiceMoE(E, F, top_k=2),
+          "expert_choice": lambda: moe_baselines.ExpertChoiceMoE(E, F)}
 
 
 def tokens(seed=0):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_dit_jax.models import build_model, moe
+from switch_dit_jax.models import build_model, moe, moe_baselines
 
 B, S, D, E, F = 3, 4, 8, 4, 16
 
@@ -135,7 +135,7 @@ def test_capacity_buckets_halve_the_pool():
 
 
 def test_token_choice_is_the_gated_sum_of_each_tokens_top_k():
-    layer = moe.TokenChoiceMoE(E, F, top_k=2)
+    layer = moe_baselines.TokenChoiceMoE(E, F, top_k=2)
     x = tokens(4)
     variables = init(layer, x)
     y, state = layer.apply(variables, x, True, mutable=["aux"])
@@ -150,7 +150,7 @@ def test_token_choice_is_the_gated_sum_of_each_tokens_top_k():
 
 
 def test_expert_choice_picks_within_each_sample():
-    layer = moe.ExpertChoiceMoE(E, F, capacity=2.0)
+    layer = moe_baselines.ExpertChoiceMoE(E, F, capacity=2.0)
     x = tokens(5)
     variables = init(layer, x)
     y = np.asarray(layer.apply(variables, x, True, mutable=["aux"])[0])

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switch_dit_jax.models import build_model, dtr, moe
+from switch_dit_jax.models import build_model, dtr, moe, moe_baselines
 
 
 def test_token_choice_router_starts_as_torch_kaiming_uniform_a_sqrt5():
     d, e = 512, 16
     x = jnp.zeros((2, 4, d))
-    tc = nn.unbox(jax.jit(moe.TokenChoiceMoE(e, 8).init)(jax.random.PRNGKey(0), x))
+    tc = nn.unbox(jax.jit(moe_baselines.TokenChoiceMoE(e, 8).init)(jax.random.PRNGKey(0), x))
     tc = tc["params"]["router"]
     w = np.asarray(tc)
     assert w.shape == (d, e)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switch_dit_jax.models import dtr, layers, roaming
-from switch_dit_jax.models import moe
+from switch_dit_jax.models import moe, moe_baselines
 from switch_dit_jax.models.switch import SwitchRouter, random_allocation_gates
 
 # (depth, hidden_size, num_heads) of the official sizes.
@@ -156,9 +156,10 @@ class DiT(nn.Module):
                                      static_capacity=f["static_capacity"],
                                      capacity_schedule=tuple(f["capacity_schedule"]), **common)
         if kind == "token_choice":
-            return functools.partial(moe.TokenChoiceMoE, f["num_experts"], top_k=f["top_k"],
-                                     **common)
-        return functools.partial(moe.ExpertChoiceMoE, f["num_experts"], capacity=f["capacity"],
+            return functools.partial(moe_baselines.TokenChoiceMoE, f["num_experts"],
+                                     top_k=f["top_k"], **common)
+        return functools.partial(moe_baselines.ExpertChoiceMoE, f["num_experts"],
+                                 capacity=f["capacity"],
                                  dynamic=f["ec_inference"] == "dynamic",
                                  threshold_decay=f["threshold_decay"],
                                  capacity_schedule=tuple(f["capacity_schedule"]), **common)

@@ -1,8 +1,9 @@
 """Expert parallelism: a mixture layer's expert work as a `jax.shard_map` over 'expert'.
 
-A mixture layer (models/moe.py) splits into per-token routing (router, capacity predictor;
-left to GSPMD) and a *local* function that, given a token pool, the routing columns of some
-experts and those experts' weights, returns their contribution to every token:
+A mixture layer (models/moe.py, models/moe_baselines.py) splits into per-token routing
+(router, capacity predictor; left to GSPMD) and a *local* function that, given a token pool,
+the routing columns of some experts and those experts' weights, returns their contribution to
+every token:
 
     local_fn(pool [P, D], routing {name: [P, e]}, experts {name: [e, ...]})
         -> (y [P, D], per_token {name: [P, e]}, per_expert {name: [e]})

@@ -14,10 +14,8 @@ Experts are DiT MLPs (D -> r·D -> D, GELU-tanh) stored stacked ([E, ...], logic
   (Algorithm 4; τ replaced by a constant γ for "interval search"; "static" ignores the
   predictor and gives every expert its top int(C · pool / E) tokens, Table 4's "w/o"), and the
   layer sows its capacity C^E = E·K^E / pool (Eq. 8) for the C_infer accounting (Eq. 9).
-* `TokenChoiceMoE` (TC-DiT): each token picks its top-k experts, gates unnormalised, sows the
-  load-balance statistics (loss E·Σ_e P_e f_e, weight 0.01 in train/step.py); its router
-  starts as the official kaiming_uniform(a=√5), U(±1/√D).
-* `ExpertChoiceMoE` (EC-DiT): expert choice within each sample, K' = int(S / E · C).
+* The baselines TC-DiT and EC-DiT are in `moe_baselines.py`, on the experts, router and
+  expert-choice pieces defined here.
 
 Each layer computes its routing per token and leaves the expert work to a local function run
 by `expert_parallel.run`: on one device the pool is the whole batch; under a mesh it is the
@@ -94,7 +92,7 @@ ROUTER_NORMAL = nn.initializers.normal(0.006)
 ROUTER_KAIMING_UNIFORM = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _router_logits(module: nn.Module, x: jax.Array, num_experts: int,
+def router_logits(module: nn.Module, x: jax.Array, num_experts: int,
                    init=ROUTER_NORMAL) -> jax.Array:
     w_r = module.param("router", layers.logical(init, ("embed", "experts")),
                        (x.shape[-1], num_experts), jnp.float32)
@@ -108,11 +106,52 @@ def _scatter_add(pool_size: int, index: jax.Array, values: jax.Array) -> jax.Arr
         values.reshape(-1, d))
 
 
-def _expert_choice(pool, scores, gate_weight, experts):
+def expert_choice(pool, scores, gate_weight, experts):
     """Expert e takes the tokens index[e] (its best by `scores` [P, e]); y = Σ gate·E(x)."""
     gating, index = jax.lax.top_k(scores.T, gate_weight.shape[-1])  # [e, K]
     out = apply_experts(experts, pool[index]) * (gating * gate_weight)[..., None]
     return _scatter_add(pool.shape[0], index, out), index
+
+
+def capacity_predictor_logits(pool: jax.Array, num_experts: int) -> jax.Array:
+    """DiffMoE's capacity predictor Linear(D, D) -> SiLU -> Linear(D, E) on stop_gradient(x)
+    (Eq. 10). Called inside a layer's compact `__call__`: its Dense layers are that layer's
+    `capacity_fc1` / `capacity_fc2` (the official names)."""
+    d = pool.shape[-1]
+    h = nn.silu(layers.dense(d, ("embed", "mlp"), jnp.float32, name="capacity_fc1")(
+        jax.lax.stop_gradient(pool)))
+    return layers.dense(num_experts, ("mlp", "experts"), jnp.float32, name="capacity_fc2")(h)
+
+
+def scheduled_experts(module: nn.Module, experts: dict, capacity: float,
+                      capacity_schedule: tuple) -> dict:
+    """`experts` with the train step's scheduled C_train added as `train_capacity` (shaped
+    [E], so that expert parallelism shards it like the weights); unchanged without a schedule
+    or outside the train step."""
+    step = schedule.current_step(module)
+    if not capacity_schedule or step is None:
+        return experts
+    e = next(iter(experts.values())).shape[0]
+    c = schedule.scheduled_capacity(step, capacity, e, *capacity_schedule)
+    return {**experts, "train_capacity": jnp.full((e,), c)}
+
+
+def at_scheduled_capacity(top, experts: dict, size: int, num_experts: int, capacity: float,
+                          k: int):
+    """`top(weights, size, count)`: every expert's best `size` tokens of `size` candidates
+    (DiffMoE: the pool; EC-DiT: a sample), of which the first `count` count.
+
+    Without `train_capacity` that is the plain top-k. With it: the official
+    int((size / E) · C), in the same order of operations; while C > C_train every expert may
+    need all candidates, those past the count masked; once the schedule has ended the plain
+    top-k runs (one branch of the cond executes)."""
+    if "train_capacity" not in experts:
+        return top(experts, k, k)
+    weights = {name: w for name, w in experts.items() if name != "train_capacity"}
+    c = experts["train_capacity"][0]
+    count = jnp.clip(jnp.floor(size / num_experts * c).astype(jnp.int32), 1, size)
+    return jax.lax.cond(c > capacity, lambda: top(weights, size, count),
+                        lambda: top(weights, k, k))
 
 
 def shared_expert(kind: str, count: int, hidden_features: int, dtype) -> nn.Module | None:
@@ -162,22 +201,15 @@ class DiffMoE(nn.Module):
         e = self.num_experts
         shared = shared_expert("diffmoe", self.shared_experts, self.hidden_features, self.dtype)
         pool = x.reshape(b * s, d)
-        routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
-        predictor = nn.Sequential([
-            layers.dense(d, ("embed", "mlp"), jnp.float32, name="capacity_fc1"), nn.silu,
-            layers.dense(e, ("mlp", "experts"), jnp.float32, name="capacity_fc2")])
-        pred_logits = predictor(jax.lax.stop_gradient(pool))  # [P, E]
+        routing = {"scores": jax.nn.softmax(router_logits(self, pool, e), axis=-1)}  # [P, E]
+        pred_logits = capacity_predictor_logits(pool, e)  # [P, E]
         routing["predicted"] = jax.nn.sigmoid(pred_logits)
         threshold = self.variable("moe_state", "threshold", lambda: jnp.zeros((e,), jnp.float32))
         experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
         pool = pool.astype(self.dtype)
 
         if train:
-            step = schedule.current_step(self)
-            inputs = experts
-            if self.capacity_schedule and step is not None:
-                c = schedule.scheduled_capacity(step, self.capacity, e, *self.capacity_schedule)
-                inputs = {**experts, "train_capacity": jnp.full((e,), c)}
+            inputs = scheduled_experts(self, experts, self.capacity, self.capacity_schedule)
             y, per_token, per_expert = expert_parallel.run(self._train_local, pool, routing,
                                                            inputs)
             self.sow("aux", "capacity_logits", pred_logits)
@@ -201,27 +233,17 @@ class DiffMoE(nn.Module):
         return y if shared is None else y + shared(x, train).astype(jnp.float32)
 
     def _train_local(self, pool, routing, experts):
-        pool_size, e = routing["scores"].shape
-        k = self._top_k(self.capacity, pool_size)
-        if "train_capacity" not in experts:
-            return self._train_top_k(pool, routing, experts, k, k)
-        weights = {name: w for name, w in experts.items() if name != "train_capacity"}
-        c = experts["train_capacity"][0]
-        # The official int((S / E) · C), in the same order of operations.
-        k_now = jnp.clip(jnp.floor(pool_size / self.num_experts * c).astype(jnp.int32), 1,
-                         pool_size)
-        # Above C_train every expert may need the whole pool, with the tokens past k_now
-        # masked; once the schedule has ended the plain top-k runs (one branch executes).
-        return jax.lax.cond(
-            c > self.capacity,
-            lambda: self._train_top_k(pool, routing, weights, pool_size, k_now),
-            lambda: self._train_top_k(pool, routing, weights, k, k))
+        pool_size = routing["scores"].shape[0]
+        return at_scheduled_capacity(
+            lambda weights, size, count: self._train_top_k(pool, routing, weights, size, count),
+            experts, pool_size, self.num_experts, self.capacity,
+            self._top_k(self.capacity, pool_size))
 
     def _train_top_k(self, pool, routing, experts, size, k):
         """Every expert's best `size` tokens of which the first k (static or traced) count."""
         pool_size, e = routing["scores"].shape
         keep = (jnp.arange(size)[None] < k).astype(jnp.float32) * jnp.ones((e, 1))
-        y, index = _expert_choice(pool, routing["scores"], keep, experts)
+        y, index = expert_choice(pool, routing["scores"], keep, experts)
         dispatch = jnp.zeros((e, pool_size), jnp.float32).at[
             jnp.arange(e)[:, None], index].set(keep).T  # [P, e]
         kth = jax.lax.top_k(routing["predicted"].T, size)[0][:, k - 1]  # [e]
@@ -239,7 +261,7 @@ class DiffMoE(nn.Module):
     def _static_local(self, pool, routing, experts):
         pool_size, e = routing["scores"].shape
         k = self._top_k(self.static_capacity, pool_size)
-        y, _ = _expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
+        y, _ = expert_choice(pool, routing["scores"], jnp.ones((e, k)), experts)
         return y, {}, {"capacity": jnp.full((e,), k * self.num_experts / pool_size)}
 
     def _inference_local(self, pool, routing, experts):
@@ -250,7 +272,7 @@ class DiffMoE(nn.Module):
         def process(size):  # every expert runs its `size` best tokens, those past k_pred masked
             def run():
                 keep = (jnp.arange(size)[None] < k_pred[:, None]).astype(jnp.float32)
-                y, index = _expert_choice(pool, routing["scores"], keep, weights)
+                y, index = expert_choice(pool, routing["scores"], keep, weights)
                 processed = jnp.zeros((keep.shape[0], pool_size), jnp.float32).at[
                     jnp.arange(keep.shape[0])[:, None], index].set(keep).T  # [P, e]
                 return y, processed
@@ -269,154 +291,3 @@ def capacity_buckets(pool_size: int, count: int) -> list[int]:
     bucket that holds the largest K^E of the layer; the tokens beyond each K^E are masked.
     """
     return sorted({-(-pool_size // 2 ** j) for j in range(count)}, reverse=True)
-
-
-class TokenChoiceMoE(nn.Module):
-    """TC-DiT: per-token top-k experts with unnormalised softmax gates."""
-    num_experts: int
-    hidden_features: int
-    top_k: int = 1
-    swiglu: bool = False
-    shared_experts: int = 0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        b, s, d = x.shape
-        e, pool_size = self.num_experts, b * s
-        shared = shared_expert("token_choice", self.shared_experts, self.hidden_features,
-                               self.dtype)
-        pool = x.reshape(pool_size, d)
-        probs = jax.nn.softmax(_router_logits(self, pool, e, ROUTER_KAIMING_UNIFORM),
-                               axis=-1)  # [P, E]
-        gates, choice = jax.lax.top_k(probs, self.top_k)  # [P, k]
-        chosen = jax.nn.one_hot(choice, e)  # [P, k, E]
-        routed = jnp.sum(chosen, axis=1)  # [P, E]
-        weight = jnp.sum(chosen * gates[..., None], axis=1)
-        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
-        y, _, _ = expert_parallel.run(_token_choice_local, pool.astype(self.dtype),
-                                      {"weight": weight}, experts)
-        self.sow("aux", "balance_probs", probs.mean(0))              # P_e
-        self.sow("aux", "balance_fraction", routed.mean(0) / self.top_k)  # f_e
-        self.sow("aux", "capacity", routed.sum(0) * e / (pool_size * self.top_k))
-        y = y.reshape(b, s, d)
-        return y if shared is None else y + shared(x, train).astype(jnp.float32)
-
-
-def _token_choice_local(pool, routing, experts):
-    # Dense over experts with zero weight for the unchosen (exact; capacity-free).
-    e = routing["weight"].shape[-1]
-    out = apply_experts(experts, jnp.broadcast_to(pool[None], (e,) + pool.shape))
-    return jnp.einsum("pe,epd->pd", routing["weight"], out), {}, {}
-
-
-class ExpertChoiceMoE(nn.Module):
-    """EC-DiT: within each sample, every expert takes its top K' = int(S / E · C) tokens.
-
-    With `dynamic` (DiffMoE Table 8, "Local Dynamic Intra-sample Routing"), the layer also
-    learns DiffMoE's capacity predictor and thresholds, confined to each sample: in training
-    the BCE target is the per-sample dispatch and q is the mean over samples of each
-    sample's K'-th predicted probability; in inference expert e takes, in each sample, the
-    #(sigmoid(pred_e) > τ_e) tokens of that sample with the highest gate scores. The paper
-    only names this baseline (the official EC-DiT has no predictor); this is DiffMoE's
-    mechanism with the global pool replaced by the sample. Every expert then runs all S
-    tokens of a sample, those past its count masked.
-    """
-    num_experts: int
-    hidden_features: int
-    capacity: float = 1.0
-    swiglu: bool = False
-    shared_experts: int = 0
-    dynamic: bool = False
-    threshold_decay: float = 0.95
-    # The official EC-DiT's capacity_schedule, as DiffMoE's: C = E (every expert takes the whole
-    # sample) up to stage I, then linear down to `capacity` at stage II; () = off.
-    capacity_schedule: tuple = ()
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        b, s, d = x.shape
-        e = self.num_experts
-        k = max(int(s / e * self.capacity), 1)
-        shared = shared_expert("expert_choice", self.shared_experts, self.hidden_features,
-                               self.dtype)
-        pool = x.reshape(b * s, d)
-        routing = {"scores": jax.nn.softmax(_router_logits(self, pool, e), axis=-1)}  # [P, E]
-        experts = StackedExperts(e, d, self.hidden_features, self.swiglu, name="experts")()
-        if self.dynamic:
-            predictor = nn.Sequential([
-                layers.dense(d, ("embed", "mlp"), jnp.float32, name="capacity_fc1"), nn.silu,
-                layers.dense(e, ("mlp", "experts"), jnp.float32, name="capacity_fc2")])
-            pred_logits = predictor(jax.lax.stop_gradient(pool))
-            routing["predicted"] = jax.nn.sigmoid(pred_logits)
-            threshold = self.variable("moe_state", "threshold",
-                                      lambda: jnp.zeros((e,), jnp.float32))
-
-        def split(pool, routing):
-            e_local = routing["scores"].shape[-1]
-            return (pool.reshape(-1, s, d),
-                    {n: r.reshape(-1, s, e_local) for n, r in routing.items()}, e_local)
-
-        def top_tokens(tokens, per_sample, experts, size, count):
-            """Every expert's best `size` tokens of each sample, of which the first `count`
-            (static or traced) count."""
-            e_local = per_sample["scores"].shape[-1]
-            keep = (jnp.arange(size)[None] < count).astype(jnp.float32) * jnp.ones((e_local, 1))
-
-            def one_sample(tokens, r):
-                y, index = _expert_choice(tokens, r["scores"], keep, experts)
-                dispatch = jnp.zeros((e_local, s), jnp.float32).at[
-                    jnp.arange(e_local)[:, None], index].set(keep).T
-                kth = (jax.lax.top_k(r["predicted"].T, size)[0][:, count - 1]
-                       if "predicted" in r else jnp.zeros((e_local,)))
-                return y, dispatch, kth
-            y, dispatch, kth = jax.vmap(one_sample)(tokens, per_sample)
-            capacity = jnp.full((e_local,), count * e / s, jnp.float32)
-            return (y.reshape(-1, d), {"dispatch": dispatch.reshape(-1, e_local)},
-                    {"kth": kth.mean(0), "capacity": capacity})
-
-        def local(pool, routing, experts):  # samples are whole within a pool
-            tokens, per_sample, _ = split(pool, routing)
-            if "train_capacity" not in experts:
-                return top_tokens(tokens, per_sample, experts, k, k)
-            weights = {n: w for n, w in experts.items() if n != "train_capacity"}
-            c = experts["train_capacity"][0]
-            # The official int((S / E) · C), in the same order of operations; above C_train
-            # every expert may need the whole sample, the tokens past the count masked.
-            count = jnp.clip(jnp.floor(s / e * c).astype(jnp.int32), 1, s)
-            return jax.lax.cond(c > self.capacity,
-                                lambda: top_tokens(tokens, per_sample, weights, s, count),
-                                lambda: top_tokens(tokens, per_sample, weights, k, k))
-
-        def local_dynamic(pool, routing, experts):
-            tokens, per_sample, e_local = split(pool, routing)
-            weights = {n: w for n, w in experts.items() if n != "threshold"}
-
-            def one_sample(tokens, r):
-                count = jnp.sum(r["predicted"] > experts["threshold"][None], axis=0)  # [e]
-                keep = (jnp.arange(s)[None] < count[:, None]).astype(jnp.float32)
-                return _expert_choice(tokens, r["scores"], keep, weights)[0], count
-            y, count = jax.vmap(one_sample)(tokens, per_sample)
-            capacity = count.astype(jnp.float32).mean(0) * e / s
-            return y.reshape(-1, d), {}, {"capacity": capacity}
-
-        pool = pool.astype(self.dtype)
-        if self.dynamic and not train:
-            y, _, per_expert = expert_parallel.run(
-                local_dynamic, pool, routing, {**experts, "threshold": threshold.value})
-        else:
-            step = schedule.current_step(self) if train else None
-            if self.capacity_schedule and step is not None:
-                c = schedule.scheduled_capacity(step, self.capacity, e, *self.capacity_schedule)
-                experts = {**experts, "train_capacity": jnp.full((e,), c)}
-            y, per_token, per_expert = expert_parallel.run(local, pool, routing, experts)
-            if self.dynamic:
-                self.sow("aux", "capacity_logits", pred_logits)
-                self.sow("aux", "dispatch", per_token["dispatch"])
-                if not self.is_initializing():
-                    threshold.value = (self.threshold_decay * threshold.value
-                                       + (1 - self.threshold_decay) * per_expert["kth"])
-        self.sow("aux", "capacity", per_expert["capacity"])
-        y = y.reshape(b, s, d)
-        return y if shared is None else y + shared(x, train).astype(jnp.float32)
