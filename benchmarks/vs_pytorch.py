@@ -1,7 +1,7 @@
 """This project's train step against the official PyTorch DiT's, alternating in one process.
 
     python benchmarks/vs_pytorch.py --official_dit=/path/to/facebookresearch/DiT \
-        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5]
+        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5] [--ab_env=NAME=VALUE]
 
 Both sides do the same work per step: DiT-{S,B,...}/2 on a batch of 32×32×4 latents with
 1000 classes, a uniformly drawn timestep per sample, the IDDPM hybrid loss (mse + vb, learned
@@ -13,7 +13,11 @@ process, the two libraries' thread pools and allocators slow each other down by 
 are built and warmed up first, then each round times `--steps` steps of one, then of the other
 (each after a 1 s pause and one untimed step, so that the other side's threads are idle). The
 figure of a round is its median step time; the ratio is ours / official (below 1 = this
-project is faster).
+project is faster). Each round also reports the minor page faults per step of each side.
+
+`--ab_env` adds a third side: our step again, with one variable set in its environment, e.g.
+SWITCH_DIT_HOST_MALLOC=0 (malloc left untuned) or PYTHONPATH=/path/to/an/older/checkout
+(that version of the package), timed in the same alternation.
 
 torch and timm are the user's (`pip install torch timm`), never a dependency of the package.
 timm imports torchvision at import time only for its data transforms and frozen batch norm,
@@ -40,6 +44,8 @@ flags.DEFINE_integer("batch", 8, "Images per step.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side and round.")
 flags.DEFINE_string("out", "", "Optional JSON file for the result.")
+flags.DEFINE_string("ab_env", "", "Also time our step with this NAME=VALUE in its environment "
+                    "(e.g. SWITCH_DIT_HOST_MALLOC=0), as a third side, alternating too.")
 flags.DEFINE_enum("worker", None, ["official", "ours"], "Internal: run one side's worker.")
 FLAGS = flags.FLAGS
 
@@ -160,13 +166,18 @@ def our_step(name: str, batch: int):
     return step, count_params(state.params)
 
 
-def timed(step, n: int) -> list[float]:
-    out = []
+def timed(step, n: int) -> dict:
+    """Step times, and the minor page faults per step (a sign of memory given back to the
+    kernel and touched anew each step)."""
+    import resource
+    times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         t0 = time.perf_counter()
         step()
-        out.append(time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"times": times, "faults_per_step": faults / n}
 
 
 def worker(side: str, name: str, batch: int, official_dit: str) -> None:
@@ -189,12 +200,12 @@ def worker(side: str, name: str, batch: int, official_dit: str) -> None:
 
 
 class Side:
-    def __init__(self, side: str, name: str):
+    def __init__(self, side: str, name: str, env: dict | None = None):
         import subprocess
         cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--models={name}",
                f"--batch={FLAGS.batch}", f"--official_dit={FLAGS.official_dit}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=dict(os.environ, **(env or {})))
         self.info = self._read()
 
     def _read(self):
@@ -203,7 +214,7 @@ class Side:
             raise SystemExit(f"error: the {self} worker died; see its output above.")
         return json.loads(line)
 
-    def time(self, n: int) -> list[float]:
+    def time(self, n: int) -> dict:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
         return self._read()
@@ -224,25 +235,40 @@ def main(argv):
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
               "jax": jax.__version__, "jax_backend": jax.default_backend(),
               "batch": FLAGS.batch, "models": {}}
+    ab_env = {}
+    if FLAGS.ab_env:
+        if "=" not in FLAGS.ab_env:
+            raise SystemExit(f"error: --ab_env={FLAGS.ab_env!r} is not NAME=VALUE.")
+        ab_env = dict([FLAGS.ab_env.split("=", 1)])
     for name in FLAGS.models:
         sides = {"official": Side("official", name), "ours": Side("ours", name)}
+        if ab_env:
+            sides[f"ours[{FLAGS.ab_env}]"] = Side("ours", name, ab_env)
         result["timm"] = sides["official"].info["note"]
         rounds = []
         for r in range(FLAGS.rounds):
-            medians = {k: statistics.median(s.time(FLAGS.steps)) for k, s in sides.items()}
-            rounds.append(dict(medians, ratio=medians["ours"] / medians["official"]))
-            print(f"{name} round {r}: official {medians['official']:.3f} s/step, ours "
-                  f"{medians['ours']:.3f} s/step, ratio {rounds[-1]['ratio']:.3f}", flush=True)
+            timings = {k: s.time(FLAGS.steps) for k, s in sides.items()}
+            medians = {k: statistics.median(t["times"]) for k, t in timings.items()}
+            rounds.append({"s_per_step": medians,
+                           "faults_per_step": {k: t["faults_per_step"] for k, t in timings.items()},
+                           "ratio": {k: m / medians["official"] for k, m in medians.items()
+                                     if k != "official"}})
+            print(f"{name} round {r}: " + ", ".join(
+                f"{k} {m:.3f} s/step ({timings[k]['faults_per_step']:.0f} page faults/step)"
+                for k, m in medians.items()) + "; ours / official " + ", ".join(
+                f"{k} {v:.3f}" for k, v in rounds[-1]["ratio"].items()), flush=True)
         for s in sides.values():
             s.close()
-        ratios = [r["ratio"] for r in rounds]
-        result["models"][name] = {
-            "params_official": sides["official"].info["params"],
-            "params_ours": sides["ours"].info["params"],
-            "official_s_per_step": statistics.median(r["official"] for r in rounds),
-            "ours_s_per_step": statistics.median(r["ours"] for r in rounds),
-            "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
-        }
+        entry = {"params_official": sides["official"].info["params"],
+                 "params_ours": sides["ours"].info["params"], "rounds": rounds}
+        for k in sides:
+            entry[f"{k}_s_per_step"] = statistics.median(r["s_per_step"][k] for r in rounds)
+            if k != "official":
+                ratios = [r["ratio"][k] for r in rounds]
+                suffix = "" if k == "ours" else f"[{FLAGS.ab_env}]"
+                entry[f"ratio{suffix}_median"] = statistics.median(ratios)
+                entry[f"ratio{suffix}_range"] = [min(ratios), max(ratios)]
+        result["models"][name] = entry
     print(json.dumps(result, indent=1))
     if FLAGS.out:
         with open(FLAGS.out, "w", encoding="utf-8") as f:

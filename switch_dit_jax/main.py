@@ -164,6 +164,9 @@ def run() -> None:
     # Before any device or network work, so that every host of a cluster fails at once.
     config_fields.check_fields(config)
     validation.check_workdir(FLAGS.workdir, create=FLAGS.mode == "train")
+    if FLAGS.mode == "train":
+        from switch_dit_jax import host_malloc
+        host_malloc.for_config(config)  # before anything starts XLA's threads
     initialize_distributed()
 
     import jax

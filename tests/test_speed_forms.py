@@ -1,10 +1,10 @@
 """The fast forms of the model code compute what the plain forms compute, value and gradient.
 
-The speed work (models/attention.py, the 2-D Dense, the LayerNorm with its own backward, the
-block-boundary materialisation, Switch-DiT's per-sample expert mixing) must not change the
-math. Each is compared with plain autodiff of an independent formulation: the NumPy-layout
-reference DiT of tests/reference_dit.py run through jax.numpy, jax.nn.dot_product_attention,
-and the per-expert sum of Switch-DiT's Eq. 6.
+The speed work (models/attention.py, the 2-D Dense, the LayerNorm and the GELU with their own
+backward, the block-boundary materialisation, Switch-DiT's per-sample expert mixing) must not
+change the math. Each is compared with plain autodiff of an independent formulation: the
+NumPy-layout reference DiT of tests/reference_dit.py run through jax.numpy,
+jax.nn.dot_product_attention, the float64 GELU and the per-expert sum of Switch-DiT's Eq. 6.
 """
 import logging
 import os
@@ -86,6 +86,25 @@ def test_modulated_layer_norm_backward_equals_autodiff():
     g_plain = jax.grad(lambda *a: jnp.sum(jnp.tanh(plain(*a)) * probe), argnums=(0, 1, 2))
     for a, b in zip(g_fused(x, shift, scale), g_plain(x, shift, scale)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_gelu_tanh_backward_equals_the_closed_form_and_autodiff():
+    x64 = np.concatenate([np.linspace(-12, 12, 2001), [0.0, -1e-4, 1e-4]])
+
+    def gelu64(v):  # the tanh form of timm's / torch's GELU(approximate="tanh"), in float64
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+
+    h = 1e-5
+    slope64 = (gelu64(x64 + h) - gelu64(x64 - h)) / (2 * h)
+    x = jnp.asarray(x64, jnp.float32)
+    assert np.abs(np.asarray(layers.gelu_tanh(x)) - gelu64(x64)).max() < 1e-5
+    got = np.asarray(jax.jit(jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v))))(x))
+    assert np.abs(got - slope64).max() < 1e-5
+    autodiff = jax.grad(lambda v: jnp.sum(nn.gelu(v, approximate=True)))(x)
+    assert np.abs(got - np.asarray(autodiff)).max() < 5e-6
+    half = jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v).astype(jnp.float32)))(
+        x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16 and np.abs(np.asarray(half, np.float32) - slope64).max() < 0.02
 
 
 def test_materialize_is_the_identity_in_value_and_gradient():

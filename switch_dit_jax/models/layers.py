@@ -111,6 +111,33 @@ def _mln_bwd(res, dy):
 modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
 
 
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """GELU, tanh approximation (timm's / the official DiT's `GELU(approximate="tanh")`).
+
+    Its backward keeps only x and recomputes tanh, where autodiff of nn.gelu keeps several
+    intermediates of the size of the widest activation of a block (−1 % DiT-S/2 step on CPU).
+    """
+    return nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return nn.gelu(x, approximate=True), x
+
+
+def _gelu_bwd(x, dy):
+    # d/dx 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³)
+    t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+    dudx = _GELU_C * (1 + 3 * 0.044715 * x * x)
+    return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def layer_norm(x: jax.Array) -> jax.Array:
     """LayerNorm without affine parameters, eps 1e-6, computed in float32 for stability."""
     x = x.astype(jnp.float32)
@@ -280,7 +307,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         h = dense(self.hidden_features, ("embed", "mlp"), self.dtype, name="fc1")(
             x.astype(self.dtype))
-        h = nn.gelu(h, approximate=True)
+        h = gelu_tanh(h)
         return dense(d, ("mlp", "embed"), self.dtype, name="fc2")(h)
 
 

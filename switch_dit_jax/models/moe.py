@@ -81,7 +81,7 @@ def apply_experts(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         return jnp.einsum("ekf,efd->ekd", nn.silu(gate) * up,
                           w["down_kernel"].astype(dtype)).astype(jnp.float32)
     h = jnp.einsum("ekd,edf->ekf", x, w["fc1_kernel"].astype(dtype))
-    h = nn.gelu(h + w["fc1_bias"][:, None].astype(dtype), approximate=True)
+    h = layers.gelu_tanh(h + w["fc1_bias"][:, None].astype(dtype))
     out = jnp.einsum("ekf,efd->ekd", h, w["fc2_kernel"].astype(dtype)) + w["fc2_bias"][:, None]
     return out.astype(jnp.float32)
 
