@@ -263,11 +263,10 @@ def main(argv):
                  "params_ours": sides["ours"].info["params"], "rounds": rounds}
         for k in sides:
             entry[f"{k}_s_per_step"] = statistics.median(r["s_per_step"][k] for r in rounds)
-            if k != "official":
+            if k != "official":  # "ours" -> ratio_*, "ours[NAME=VALUE]" -> ratio[NAME=VALUE]_*
                 ratios = [r["ratio"][k] for r in rounds]
-                suffix = "" if k == "ours" else f"[{FLAGS.ab_env}]"
-                entry[f"ratio{suffix}_median"] = statistics.median(ratios)
-                entry[f"ratio{suffix}_range"] = [min(ratios), max(ratios)]
+                entry[f"ratio{k.removeprefix('ours')}_median"] = statistics.median(ratios)
+                entry[f"ratio{k.removeprefix('ours')}_range"] = [min(ratios), max(ratios)]
         result["models"][name] = entry
     print(json.dumps(result, indent=1))
     if FLAGS.out:
