@@ -55,11 +55,14 @@ def test_dit_gradients_equal_plain_autodiff_of_the_reference_forward():
     assert np.abs(np.asarray(jax.tree.leaves(got)[0])).max() > 0
 
 
-@pytest.mark.parametrize("s_q", [7, 16])
-def test_xla_attention_kernel_equals_dot_product_attention(s_q):
+@pytest.mark.parametrize("s_q,batch,cores", [(7, 2, 1), (16, 2, 2), (16, 4, 4), (7, 3, 2)])
+def test_xla_attention_kernel_equals_dot_product_attention(s_q, batch, cores, monkeypatch):
+    # `cores` sets how many sample groups the CPU kernel splits the batch into (cpu_chains).
+    monkeypatch.setattr(attention, "_cores", lambda: cores)
     rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, s_q, 3, 8)), jnp.float32) for _ in range(3))
-    probe = jnp.asarray(rng.standard_normal((2, s_q, 3, 8)), jnp.float32)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, s_q, 3, 8)), jnp.float32)
+               for _ in range(3))
+    probe = jnp.asarray(rng.standard_normal((batch, s_q, 3, 8)), jnp.float32)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * probe)
@@ -72,6 +75,13 @@ def test_xla_attention_kernel_equals_dot_product_attention(s_q):
         assert rel_err(a, b) < 1e-5
     low = attention.multi_head_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), "xla")
     assert low.dtype == jnp.bfloat16 and rel_err(low, ref(q, k, v)) < 3e-2
+
+
+@pytest.mark.parametrize("batch,platform,devices,cores,want", [
+    (8, "cpu", 1, 2, 2), (8, "cpu", 1, 1, 1), (7, "cpu", 1, 2, 1), (12, "cpu", 1, 8, 6),
+    (1, "cpu", 1, 16, 1), (8, "cpu", 8, 2, 1), (8, "gpu", 1, 2, 1), (8, "tpu", 1, 4, 1)])
+def test_cpu_attention_chains(batch, platform, devices, cores, want):
+    assert attention.cpu_chains(batch, platform, devices, cores) == want
 
 
 def test_modulated_layer_norm_backward_equals_autodiff():
