@@ -265,20 +265,28 @@ def make_train_step(model: nn.Module, diffusion: GaussianDiffusion,
             (grads, (metrics, model_state, _)), sums = (
                 jax.tree.map(lambda a: a / accum, total), total[1][2])
         model_state = {**state.model_state, **model_state}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         # Computed here, on the device, so that the loop learns of a divergence from the
         # metrics it fetches anyway instead of syncing on every step.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
-            ema_params=ema_update(state.ema_params, params, decay),
-            ema_model_state=ema_update(state.ema_model_state, model_state, decay))
-        if skip_nonfinite:  # drop the whole update; only the step counter moves on
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     new_state.replace(step=state.step),
-                                     state).replace(step=state.step + 1)
+
+        def updated(state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return state.replace(
+                step=state.step + 1, params=params, opt_state=opt_state,
+                model_state=model_state, ema_params=ema_update(state.ema_params, params, decay),
+                ema_model_state=ema_update(state.ema_model_state, model_state, decay))
+
+        if skip_nonfinite:
+            # Drop the whole update; only the step counter moves on. A conditional rather than
+            # a select over the state: selecting between the new and the donated old state
+            # makes XLA copy all of it (DiT-S/2 on the CPU: +77 ms a step).
+            new_state = jax.lax.cond(finite, updated, lambda s: s.replace(step=s.step + 1),
+                                     state)
+        else:
+            new_state = updated(state)
+        params = new_state.params
         # constant_schedule returns a Python float: make every metric an array.
         metrics = dict(metrics, **sums, grad_norm=grad_norm,
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
