@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from switch_dit_jax import host_malloc, parallel
+from switch_dit_jax import cpu_tuning, parallel
 from switch_dit_jax.models import build_model
 from switch_dit_jax.train.state import create_train_state, make_optimizer, state_shardings
 from switch_dit_jax.train.step import make_diffusion, make_train_step
@@ -13,9 +13,10 @@ from switch_dit_jax.train.step import make_diffusion, make_train_step
 def synthetic_step(config):
     """(jitted step, initial state, batch, key, mesh, model); the step donates its state.
 
-    Like `main`, it first tunes malloc for a large CPU step (switch_dit_jax/host_malloc.py),
-    which only takes effect in the first call of a process, before jax's backend starts."""
-    host_malloc.for_config(config)
+    Like `main`, it first tunes malloc and XLA:CPU's matmuls for a large CPU step
+    (switch_dit_jax/cpu_tuning.py), which only takes effect in the first call of a process,
+    before jax's backend starts."""
+    cpu_tuning.for_config(config)
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model, remat_policy=config.train.remat_policy)
     tx = make_optimizer(config.train, config.loss)

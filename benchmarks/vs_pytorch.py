@@ -1,7 +1,7 @@
 """This project's train step against the official PyTorch DiT's, alternating in one process.
 
     python benchmarks/vs_pytorch.py --official_dit=/path/to/facebookresearch/DiT \
-        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5] [--ab_env=NAME=VALUE]
+        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5] [--ab_env=NAME=VALUE ...]
 
 Both sides do the same work per step: DiT-{S,B,...}/2 on a batch of 32×32×4 latents with
 1000 classes, a uniformly drawn timestep per sample, the IDDPM hybrid loss (mse + vb, learned
@@ -15,9 +15,10 @@ are built and warmed up first, then each round times `--steps` steps of one, the
 figure of a round is its median step time; the ratio is ours / official (below 1 = this
 project is faster). Each round also reports the minor page faults per step of each side.
 
-`--ab_env` adds a third side: our step again, with one variable set in its environment, e.g.
-SWITCH_DIT_HOST_MALLOC=0 (malloc left untuned) or PYTHONPATH=/path/to/an/older/checkout
-(that version of the package), timed in the same alternation.
+Each `--ab_env` (repeatable) adds a side: our step again, with one variable set in its
+environment, e.g. SWITCH_DIT_HOST_MALLOC=0 (malloc left untuned) or
+PYTHONPATH=/path/to/an/older/checkout (that version of the package), timed in the same
+alternation.
 
 torch and timm are the user's (`pip install torch timm`), never a dependency of the package.
 timm imports torchvision at import time only for its data transforms and frozen batch norm,
@@ -44,8 +45,9 @@ flags.DEFINE_integer("batch", 8, "Images per step.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side and round.")
 flags.DEFINE_string("out", "", "Optional JSON file for the result.")
-flags.DEFINE_string("ab_env", "", "Also time our step with this NAME=VALUE in its environment "
-                    "(e.g. SWITCH_DIT_HOST_MALLOC=0), as a third side, alternating too.")
+flags.DEFINE_multi_string("ab_env", [], "Also time our step with this NAME=VALUE in its "
+                          "environment (e.g. SWITCH_DIT_HOST_MALLOC=0), as one more side, "
+                          "alternating too; repeatable.")
 flags.DEFINE_enum("worker", None, ["official", "ours"], "Internal: run one side's worker.")
 FLAGS = flags.FLAGS
 
@@ -235,15 +237,13 @@ def main(argv):
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
               "jax": jax.__version__, "jax_backend": jax.default_backend(),
               "batch": FLAGS.batch, "models": {}}
-    ab_env = {}
-    if FLAGS.ab_env:
-        if "=" not in FLAGS.ab_env:
-            raise SystemExit(f"error: --ab_env={FLAGS.ab_env!r} is not NAME=VALUE.")
-        ab_env = dict([FLAGS.ab_env.split("=", 1)])
+    for ab in FLAGS.ab_env:
+        if "=" not in ab:
+            raise SystemExit(f"error: --ab_env={ab!r} is not NAME=VALUE.")
     for name in FLAGS.models:
         sides = {"official": Side("official", name), "ours": Side("ours", name)}
-        if ab_env:
-            sides[f"ours[{FLAGS.ab_env}]"] = Side("ours", name, ab_env)
+        for ab in FLAGS.ab_env:
+            sides[f"ours[{ab}]"] = Side("ours", name, dict([ab.split("=", 1)]))
         result["timm"] = sides["official"].info["note"]
         rounds = []
         for r in range(FLAGS.rounds):

@@ -165,8 +165,8 @@ def run() -> None:
     config_fields.check_fields(config)
     validation.check_workdir(FLAGS.workdir, create=FLAGS.mode == "train")
     if FLAGS.mode == "train":
-        from switch_dit_jax import host_malloc
-        host_malloc.for_config(config)  # before anything starts XLA's threads
+        from switch_dit_jax import cpu_tuning
+        cpu_tuning.for_config(config)  # before anything starts XLA's threads
     initialize_distributed()
 
     import jax

@@ -59,6 +59,7 @@ def test_dit_gradients_equal_plain_autodiff_of_the_reference_forward():
 def test_xla_attention_kernel_equals_dot_product_attention(s_q, batch, cores, monkeypatch):
     # `cores` sets how many sample groups the CPU kernel splits the batch into (cpu_chains).
     monkeypatch.setattr(attention, "_cores", lambda: cores)
+    monkeypatch.setattr(attention.cpu_tuning, "onednn_active", lambda: False)
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((batch, s_q, 3, 8)), jnp.float32)
                for _ in range(3))
@@ -77,11 +78,32 @@ def test_xla_attention_kernel_equals_dot_product_attention(s_q, batch, cores, mo
     assert low.dtype == jnp.bfloat16 and rel_err(low, ref(q, k, v)) < 3e-2
 
 
-@pytest.mark.parametrize("batch,platform,devices,cores,want", [
-    (8, "cpu", 1, 2, 2), (8, "cpu", 1, 1, 1), (7, "cpu", 1, 2, 1), (12, "cpu", 1, 8, 6),
-    (1, "cpu", 1, 16, 1), (8, "cpu", 8, 2, 1), (8, "gpu", 1, 2, 1), (8, "tpu", 1, 4, 1)])
-def test_cpu_attention_chains(batch, platform, devices, cores, want):
-    assert attention.cpu_chains(batch, platform, devices, cores) == want
+@pytest.mark.parametrize("batch,platform,devices,cores,onednn,want", [
+    (8, "cpu", 1, 2, False, 2), (8, "cpu", 1, 1, False, 1), (7, "cpu", 1, 2, False, 1),
+    (12, "cpu", 1, 8, False, 6), (1, "cpu", 1, 16, False, 1), (8, "cpu", 8, 2, False, 1),
+    (8, "cpu", 1, 2, True, 1), (8, "gpu", 1, 2, False, 1), (8, "tpu", 1, 4, False, 1)])
+def test_cpu_attention_chains(batch, platform, devices, cores, onednn, want):
+    assert attention.cpu_chains(batch, platform, devices, cores, onednn) == want
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (4, 7)])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_equals_flax_dense_in_parameters_outputs_and_gradients(shape, use_bias, dtype):
+    # layers.Dense adds the bias after reshaping on CPU, before it elsewhere; both are x W + b.
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+    kwargs = dict(features=6, use_bias=use_bias, dtype=dtype,
+                  bias_init=nn.initializers.normal(1.0))
+    ours, ref = layers.Dense(**kwargs), nn.Dense(**kwargs)
+    params = ours.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(ref.init(jax.random.PRNGKey(0), x))
+    out, want = ours.apply(params, x), ref.apply(params, x)
+    assert out.dtype == want.dtype and out.shape == want.shape
+    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < 1e-6
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))),  # noqa: E731
+                              argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(ref))):
+        assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-6
 
 
 def test_modulated_layer_norm_backward_equals_autodiff():

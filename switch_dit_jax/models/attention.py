@@ -8,9 +8,10 @@ matmul, and has a hand-written backward: it keeps the softmax probabilities P an
 of the forward pass and uses dS = P ⊙ (dP − rowsum(dO ⊙ O)) (FlashAttention's identity, exact),
 which saves the [S, S] reduction of the generic softmax backward. On XLA:CPU this is 2.1× faster
 than `jax.nn.dot_product_attention`'s XLA path for the DiT-S shapes, forward plus backward.
-On a single-device CPU backend the batch is cut into one group of samples per core
-(`cpu_chains`), each its own chain of products, because XLA:CPU runs a batched matmul on one
-thread but runs independent ops side by side.
+On a single-device CPU backend whose matmuls are XLA's own, the batch is cut into one group of
+samples per core (`cpu_chains`), each its own chain of products, because XLA:CPU then runs a
+batched matmul on one thread but runs independent ops side by side; its oneDNN matmuls
+(`switch_dit_jax.cpu_tuning`) use every core and do better on the whole batch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+
+from switch_dit_jax import cpu_tuning
 
 log = logging.getLogger("switch_dit_jax")
 
@@ -102,14 +105,15 @@ def _xla_attention_bwd(residuals, do):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
-def cpu_chains(batch: int, platform: str, num_devices: int, cores: int) -> int:
-    """Independent attention chains for a single-device CPU program: the largest divisor of
-    the batch that is at most the core count (1 elsewhere).
+def cpu_chains(batch: int, platform: str, num_devices: int, cores: int, onednn: bool) -> int:
+    """Independent attention chains for a single-device CPU program with XLA's own matmuls:
+    the largest divisor of the batch that is at most the core count (1 elsewhere).
 
     Attention over `cores` disjoint groups of samples keeps every core busy (DiT-S/2 at
-    batch 8 on 2 cores: the train step 2.5 % faster). A sharded batch is left whole.
+    batch 8 on 2 cores: the train step 2.5 % faster; with oneDNN matmuls, 1 % slower). A
+    sharded batch is left whole.
     """
-    if platform != "cpu" or num_devices != 1:
+    if platform != "cpu" or num_devices != 1 or onednn:
         return 1
     return max(p for p in range(1, max(1, min(cores, batch)) + 1) if batch % p == 0)
 
@@ -122,7 +126,8 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementatio
     """[B, S, H, Dh] queries, keys, values -> [B, S, H, Dh] with the chosen kernel."""
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    chains = cpu_chains(q.shape[0], jax.default_backend(), jax.device_count(), _cores())
+    chains = cpu_chains(q.shape[0], jax.default_backend(), jax.device_count(), _cores(),
+                        cpu_tuning.onednn_active())
     if chains > 1:
         n = q.shape[0] // chains
         return jnp.concatenate([_heads_first_attention(*(x[i * n:(i + 1) * n] for x in (q, k, v)))
