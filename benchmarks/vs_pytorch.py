@@ -208,17 +208,22 @@ class Side:
                f"--batch={FLAGS.batch}", f"--official_dit={FLAGS.official_dit}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, **(env or {})))
+        self.name = f"{side} {name}" + (f" {env}" if env else "")
         self.info = self._read()
 
     def _read(self):
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"error: the {self} worker died; see its output above.")
+            raise SystemExit(f"error: the {self.name} worker died; see its output above.")
         return json.loads(line)
 
     def time(self, n: int) -> dict:
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise SystemExit(f"error: the {self.name} worker died (out of memory? each side "
+                             "holds its own model); see its output above.") from None
         return self._read()
 
     def close(self):
