@@ -127,6 +127,11 @@ wait "$tail_pid" 2>/dev/null || true
 if [[ -n $first_failed ]]; then
     echo "---- last lines of $LOG_DIR/process_$first_failed.log ----" >&2
     tail -n 20 "$LOG_DIR/process_$first_failed.log" >&2 || true
+    # A process that aborts (XLA's fatal log, then Python's dump of every thread) names the
+    # cause above its last 20 lines.
+    fatal=$(grep -E -m 5 '^F[0-9]{4} |Fatal Python error|Terminating process' \
+                "$LOG_DIR/process_$first_failed.log" || true)
+    [[ -z $fatal ]] || printf -- '---- why it aborted ----\n%s\n' "$fatal" >&2
     echo "error: process $first_failed exited with status ${codes[$first_failed]}; all logs" \
          "are in $LOG_DIR." >&2
     exit 1

@@ -7,6 +7,7 @@ FAKE_SLURM below) that run a step's tasks on this machine with the variables SLU
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -94,10 +95,37 @@ def _local_run(workdir, num_processes, num_steps):
         ["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), *TINY_ARGS,
          f"--config.train.num_steps={num_steps}"],
         cwd=ROOT, env=script_env(NUM_PROCESSES=num_processes, WORKDIR=workdir,
-                                 PYTHON=sys.executable, PORT=portpicker.pick_unused_port()),
+                                 PYTHON=sys.executable, PORT=portpicker.pick_unused_port(),
+                                 # This resumes; the drills test a lost peer. A loaded CI
+                                 # machine must not pass for one (main's default is 10 s).
+                                 SWITCH_DIT_HEARTBEAT_TIMEOUT_S=120),
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return open(os.path.join(workdir, "logs", "process_0.log")).read()
+
+
+def test_local_multiprocess_names_why_a_process_aborted(tmp_path):
+    """An abort's cause (XLA's F-line) sits above the thread dump that ends the log."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "echo 'F1203 17:00:00.000000  42 client.cc:80] Terminating process because "
+                    "the JAX distributed service detected fatal errors.'\n"
+                    "echo 'Fatal Python error: Aborted'\n"
+                    "for i in $(seq 30); do echo \"  File frame $i\"; done\n"
+                    "kill -ABRT $$\n")
+    fake.chmod(0o755)
+    workdir = tmp_path / "run"
+    out = subprocess.run(["bash", os.path.join(LAUNCH, "local_multiprocess.sh")], cwd=ROOT,
+                         env=script_env(NUM_PROCESSES=2, WORKDIR=workdir, PYTHON=fake,
+                                        PORT=1, STOP_GRACE_S=5),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    why = out.stderr.split("---- why it aborted ----\n")[1].splitlines()
+    assert why[0].startswith("F1203 17:00:00.000000  42 client.cc:80] Terminating process")
+    assert why[1] == "Fatal Python error: Aborted"
+    assert "File frame 1\n" not in out.stderr  # only the last 20 lines of the dump
+    assert re.fullmatch(rf"error: process [01] exited with status 134; all logs are in "
+                        rf"{re.escape(str(workdir))}/logs\.", out.stderr.splitlines()[-1])
 
 
 def test_local_multiprocess_two_processes_then_one(tmp_path):
