@@ -12,19 +12,20 @@ arena, which costs small steps more than they gain (the digits quickstart: 29 �
 DiT-S/2 at batch 2: +3 %). The settings only reach threads that have not yet touched malloc.
 Linux/glibc only.
 
-**oneDNN matmuls** (SWITCH_DIT_ONEDNN). jaxlib 0.10.2 to 0.12 ship XLA:CPU with oneDNN's
-matmul kernels but leave them off; their float32 GEMMs are faster than XLA's own on DiT's
-shapes (2-core Xeon: 288 → 321 GFLOP/s for [2048, 384] × [384, 1536], 240 → 272 with the
-transposed operand of a weight gradient; DiT-S/2's attention forward plus backward 22.8 →
-16.3 ms per block). The products stay float32 (no bfloat16 inside). XLA reads its flags once,
-when its backend starts, and aborts the process on a flag it does not know: they are added to
-XLA_FLAGS only for the jaxlib releases checked to have them, and never over a user's own
-oneDNN flags. On small steps they cost a few percent (the digits quickstart: −6 % steps/s).
+**oneDNN matmuls** (SWITCH_DIT_ONEDNN=1, off unless asked for). jaxlib 0.10.2 to 0.12 ship
+XLA:CPU with oneDNN's matmul kernels behind experimental flags; their float32 GEMMs are faster
+than XLA's own on DiT's shapes (2-core Xeon: 288 -> 321 GFLOP/s for [2048, 384] x [384, 1536];
+DiT-S/2 train step -5 %). But XLA's oneDNN fusion also builds kernels that oneDNN then fails to
+compile ("partition compile failed"), and the process dies of SIGILL: a tiny DiT's train step
+under jaxlib 0.10.2, a tiny Switch-DiT's under 0.12 as well. So the package never turns them on
+by itself. XLA reads its flags once, when its backend starts, and aborts the process on a flag
+it does not know: they are added to XLA_FLAGS only for the jaxlib releases checked to have them,
+and never over a user's own oneDNN flags.
 
-Both are applied only for a large step on the CPU: forward work of at least MIN_FORWARD_MACS
-per step (DiT-S/2 gains from batch 4 on), and no accelerator plugin that could take the step
-instead. `main` applies them right after reading the config. Each variable =0 never applies
-its setting, =1 always does.
+The malloc setting is applied only for a large step on the CPU: forward work of at least
+MIN_FORWARD_MACS per step (DiT-S/2 gains from batch 4 on), and no accelerator plugin that could
+take the step instead. `main` applies the settings right after reading the config. Each
+variable =0 never applies its setting, =1 always does.
 """
 from __future__ import annotations
 
@@ -70,17 +71,14 @@ def large_cpu_step(config, env=os.environ) -> bool:
 
 
 def wanted(config, env=os.environ) -> dict[str, bool]:
-    """{"malloc": ..., "onednn": ...}: each setting's variable if 0/1, else large_cpu_step."""
+    """{"malloc": ..., "onednn": ...}: each setting's variable if 0/1; else malloc for a large
+    CPU step and no oneDNN (see above)."""
     choices = {name: env.get(var, "").strip()
                for name, var in (("malloc", MALLOC_ENV), ("onednn", ONEDNN_ENV))}
-    large = None
-    for name, choice in choices.items():
-        if choice in ("0", "1"):
-            choices[name] = choice == "1"
-        else:
-            large = large_cpu_step(config, env) if large is None else large
-            choices[name] = large
-    return choices
+    onednn = choices["onednn"] == "1"
+    malloc = choices["malloc"] == "1" if choices["malloc"] in ("0", "1") else \
+        large_cpu_step(config, env)
+    return {"malloc": malloc, "onednn": onednn}
 
 
 def tune_malloc() -> bool:
@@ -136,6 +134,6 @@ def for_config(config) -> set[str]:
                  "the CPU; %s=0 turns this off)", MALLOC_ENV)
     if choices["onednn"] and use_onednn():
         applied.add("onednn")
-        log.info("XLA:CPU runs the matmuls with oneDNN (a large step on the CPU; %s=0 turns "
-                 "this off)", ONEDNN_ENV)
+        log.warning("XLA:CPU runs the matmuls with oneDNN (%s=1): experimental in XLA; a "
+                    "process that dies with 'partition compile failed' needs it off", ONEDNN_ENV)
     return applied
