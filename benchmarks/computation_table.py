@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 from absl import app, flags
 
-from switch_dit_jax import config_base, config_recipes, parallel
+from switch_dit_jax import config_base, config_recipes, cpu_tuning, parallel
 from switch_dit_jax.models import flops as flops_lib
 from switch_dit_jax.train.state import count_params
 from synthetic_step import synthetic_step
@@ -98,7 +98,7 @@ def machine() -> str:
 def measure(config) -> dict:
     step, state, batch, key, mesh, model = synthetic_step(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-        compiled = step.lower(state, batch, key).compile()
+        compiled = cpu_tuning.compile_step(step.lower(state, batch, key))
         for _ in range(FLAGS.warmup):
             state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)

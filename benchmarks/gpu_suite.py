@@ -71,7 +71,7 @@ def device_memory_bytes() -> int | None:
 def compiled_step(config, batch: int):
     """The compiled train step at `batch`, or DoesNotFit."""
     import flax.linen as nn
-    from switch_dit_jax import parallel
+    from switch_dit_jax import cpu_tuning, parallel
     from synthetic_step import synthetic_step
     if FLAGS.smoke and batch > SMOKE_MEMORY_LIMIT_BATCH:
         raise DoesNotFit(f"batch {batch} exceeds the smoke run's simulated memory")
@@ -79,7 +79,7 @@ def compiled_step(config, batch: int):
     fn, state, data, key, mesh, model = synthetic_step(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         t0 = time.perf_counter()
-        compiled = fn.lower(state, data, key).compile()
+        compiled = cpu_tuning.compile_step(fn.lower(state, data, key))
         compile_s = time.perf_counter() - t0
     need = compiled.memory_analysis()
     limit = device_memory_bytes()

@@ -23,7 +23,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_step import synthetic_step  # noqa: E402
 
-from switch_dit_jax import parallel  # noqa: E402
+from switch_dit_jax import cpu_tuning, parallel  # noqa: E402
 from switch_dit_jax.config_base import load_config  # noqa: E402
 
 flags.DEFINE_list("configs", None, "Config files (path[:arg]), the first is the reference.")
@@ -53,7 +53,7 @@ def main(argv):
         config = load_config(path, overrides)
         fn, state, data, key, mesh, _ = synthetic_step(config)
         with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-            compiled = fn.lower(state, data, key).compile()
+            compiled = cpu_tuning.compile_step(fn.lower(state, data, key))
             state, metrics = compiled(state, data, key)
             jax.block_until_ready(metrics)
         runs[path] = {"step": compiled, "state": state, "data": data, "key": key,

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from switch_dit_jax import parallel
+from switch_dit_jax import cpu_tuning, parallel
 from switch_dit_jax.models import flops as flops_lib
 from switch_dit_jax.train.state import count_params
 from synthetic_step import synthetic_step
@@ -55,7 +55,7 @@ def main(argv):
     b = config.train.global_batch_size
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch, key).compile()
+        compiled = cpu_tuning.compile_step(step.lower(state, batch, key))
         compile_s = time.perf_counter() - t0
         for _ in range(FLAGS.warmup_steps):
             state, metrics = compiled(state, batch, key)

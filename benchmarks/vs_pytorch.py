@@ -150,7 +150,7 @@ def our_step(name: str, batch: int):
 
     sys.path.insert(0, HERE)
     from synthetic_step import synthetic_step
-    from switch_dit_jax import parallel
+    from switch_dit_jax import cpu_tuning, parallel
     from switch_dit_jax.config_base import load_config
     from switch_dit_jax.train.state import count_params
 
@@ -158,6 +158,7 @@ def our_step(name: str, batch: int):
     config = load_config(os.path.join(HERE, "..", "configs", CONFIGS[size]),
                          {"model.name": name, "train.global_batch_size": batch})
     fn, state, data, key, mesh, _ = synthetic_step(config)
+    fn = cpu_tuning.lazily_compiled(fn)
     holder = {"state": state}
 
     def step():

@@ -1,4 +1,4 @@
-"""Two settings for a large train step on the CPU, which must precede XLA's backend.
+"""Two settings for a large train step on the CPU, chosen before XLA's backend starts.
 
 **malloc** (SWITCH_DIT_HOST_MALLOC). A compiled train step asks the host allocator for its
 temporaries (0.9 GB for DiT-S/2 at batch 8) on every execution. The XLA threads that run it
@@ -12,20 +12,22 @@ arena, which costs small steps more than they gain (the digits quickstart: 29 â†
 DiT-S/2 at batch 2: +3 %). The settings only reach threads that have not yet touched malloc.
 Linux/glibc only.
 
-**oneDNN matmuls** (SWITCH_DIT_ONEDNN=1, off unless asked for). jaxlib 0.10.2 to 0.12 ship
-XLA:CPU with oneDNN's matmul kernels behind experimental flags; their float32 GEMMs are faster
-than XLA's own on DiT's shapes (2-core Xeon: 288 -> 321 GFLOP/s for [2048, 384] x [384, 1536];
-DiT-S/2 train step -5 %). But XLA's oneDNN fusion also builds kernels that oneDNN then fails to
-compile ("partition compile failed"), and the process dies of SIGILL: a tiny DiT's train step
-under jaxlib 0.10.2, a tiny Switch-DiT's under 0.12 as well. So the package never turns them on
-by itself. XLA reads its flags once, when its backend starts, and aborts the process on a flag
-it does not know: they are added to XLA_FLAGS only for the jaxlib releases checked to have them,
-and never over a user's own oneDNN flags.
+**oneDNN matmuls** (SWITCH_DIT_ONEDNN). jaxlib 0.10.2 to 0.12 ship XLA:CPU with oneDNN's
+matmul kernels behind experimental options; their float32 GEMMs are faster than XLA's own on
+DiT's shapes (2-core Xeon: 288 -> 321 GFLOP/s for [2048, 384] x [384, 1536]; DiT-S/2 train step
+-5 %). XLA's oneDNN fusion, though, also builds kernels that oneDNN cannot compile as one
+partition: two matmuls summed, or a matmul with elementwise work on its operands or beside its
+output chain. oneDNN then fails ("partition compile failed") at the first execution and the
+process dies of SIGILL, nothing a Python caller can catch. So the options are given to the
+train step's compilation only (not to XLA_FLAGS), and `compile_step` reads the optimized HLO
+before anything runs: a step with any oneDNN fusion other than one matmul with a chain of
+elementwise post-ops on parameters is compiled again without them (and says so).
 
-The malloc setting is applied only for a large step on the CPU: forward work of at least
-MIN_FORWARD_MACS per step (DiT-S/2 gains from batch 4 on), and no accelerator plugin that could
-take the step instead. `main` applies the settings right after reading the config. Each
-variable =0 never applies its setting, =1 always does.
+Both are applied only for a large step on the CPU: forward work of at least MIN_FORWARD_MACS
+per step (DiT-S/2 gains from batch 4 on), and no accelerator plugin that could take the step
+instead; oneDNN also only for the jaxlib releases checked to have its options, and never when
+the user's XLA_FLAGS name oneDNN themselves. `main` applies the settings right after reading
+the config. Each variable =0 never applies its setting, =1 always does.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import sys
 MALLOC_ENV = "SWITCH_DIT_HOST_MALLOC"
 ONEDNN_ENV = "SWITCH_DIT_ONEDNN"
 MIN_FORWARD_MACS = 20e9  # per step: between DiT-S/2 at batch 2 (12 G, slower) and 4 (24 G, faster)
-ONEDNN_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=dot")
+# DebugOptions of the train step's compilation; fusion type 1 is LIBRARY_FUSION_TYPE_DOT.
+ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": 1}
 ONEDNN_JAXLIB = ((0, 10, 2), (0, 13))  # [first, past the last) release checked to know both
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # mallopt takes an int that glibc reads as a size_t: -1 is "never"; a glibc that refuses it
@@ -71,14 +74,12 @@ def large_cpu_step(config, env=os.environ) -> bool:
 
 
 def wanted(config, env=os.environ) -> dict[str, bool]:
-    """{"malloc": ..., "onednn": ...}: each setting's variable if 0/1; else malloc for a large
-    CPU step and no oneDNN (see above)."""
+    """{"malloc": ..., "onednn": ...}: each setting's variable if 0/1; else whether the step is
+    large and on the CPU (see above)."""
     choices = {name: env.get(var, "").strip()
                for name, var in (("malloc", MALLOC_ENV), ("onednn", ONEDNN_ENV))}
-    onednn = choices["onednn"] == "1"
-    malloc = choices["malloc"] == "1" if choices["malloc"] in ("0", "1") else \
-        large_cpu_step(config, env)
-    return {"malloc": malloc, "onednn": onednn}
+    large = any(v not in ("0", "1") for v in choices.values()) and large_cpu_step(config, env)
+    return {name: v == "1" if v in ("0", "1") else large for name, v in choices.items()}
 
 
 def tune_malloc() -> bool:
@@ -98,28 +99,112 @@ def tune_malloc() -> bool:
 
 
 def onednn_known(jaxlib_version: str) -> bool:
-    """Whether this jaxlib release is one checked to know ONEDNN_FLAGS."""
+    """Whether this jaxlib release is one checked to know ONEDNN_OPTIONS."""
     release = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:3])
     return ONEDNN_JAXLIB[0] <= release < ONEDNN_JAXLIB[1]
 
 
-def use_onednn(env=os.environ) -> bool:
-    """Adds ONEDNN_FLAGS to env["XLA_FLAGS"]; True when it did."""
-    flags = env.get("XLA_FLAGS", "")
-    if "onednn" in flags or not onednn_known(importlib.metadata.version("jaxlib")):
-        return False
-    env["XLA_FLAGS"] = " ".join([flags, *ONEDNN_FLAGS]).strip()
-    return True
+def onednn_possible(env=os.environ) -> bool:
+    """Whether the train step may be given ONEDNN_OPTIONS: a jaxlib that knows them, and no
+    oneDNN choice of the user's own in XLA_FLAGS."""
+    return ("onednn" not in env.get("XLA_FLAGS", "")
+            and onednn_known(importlib.metadata.version("jaxlib")))
+
+
+_step_onednn = False  # set by for_config: compile_step tries ONEDNN_OPTIONS
 
 
 def onednn_active(env=os.environ) -> bool:
-    """Whether XLA:CPU runs its matmuls with oneDNN in this process (flags as set above)."""
-    flags = env.get("XLA_FLAGS", "").split()
-    return all(f in flags for f in ONEDNN_FLAGS)
+    """Whether the train step's matmuls are meant to run with oneDNN in this process."""
+    return _step_onednn or "--xla_cpu_use_onednn=true" in env.get("XLA_FLAGS", "").split()
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(([^)]*)\)")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Instruction lines of each named computation of an HLO module's text."""
+    bodies, name = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            bodies[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None and line.strip():
+            bodies[name].append(line)
+    return bodies
+
+
+def _one_partition(lines: list[str]) -> bool:
+    """A fused computation oneDNN compiles as one partition: one matmul of two parameters, then
+    a chain of elementwise ops, each on the previous one's result and parameters only."""
+    leaves, chain = set(), []
+    for line in lines:
+        parsed = _INSTRUCTION.match(line)
+        if parsed is None:
+            return False
+        name, op, operands = parsed.groups()
+        if op == "parameter":
+            leaves.add(name)
+            continue
+        computed = [o for o in re.findall(r"%([\w.\-]+)", operands) if o not in leaves]
+        if (op == "dot") != (not chain) or computed != chain[-1:]:
+            return False
+        chain.append(name)
+    return bool(chain) and lines[-1].lstrip().startswith("ROOT")
+
+
+def unsafe_onednn_fusions(hlo_text: str) -> list[str]:
+    """The oneDNN fusions of an optimized HLO module that oneDNN cannot compile (see above)."""
+    bodies = _computations(hlo_text)
+    called = [re.search(r"calls=%([\w.\-]+)", line) for line in hlo_text.splitlines()
+              if "__onednn_fusion" in line and "calls=" in line]
+    return [c.group(1) for c in called if not _one_partition(bodies.get(c.group(1), []))]
+
+
+def compile_step(lowered):
+    """The train step's executable, from `jax.jit(...).lower(...)`: with oneDNN matmuls when
+    `for_config` chose them and XLA's fusion built only kernels oneDNN compiles (see above)."""
+    if not _step_onednn:
+        return lowered.compile()
+    try:
+        compiled = lowered.compile(compiler_options=ONEDNN_OPTIONS)
+    except jax_runtime_error() as e:  # an XLA that no longer knows the options
+        log.warning("XLA refused the oneDNN options (%s); the train step runs with XLA's own "
+                    "matmuls", str(e).splitlines()[0])
+        return lowered.compile()
+    unsafe = unsafe_onednn_fusions(compiled.as_text())
+    if unsafe:
+        log.warning("XLA's oneDNN fusion built %d kernel(s) that oneDNN cannot compile (%s); "
+                    "the train step runs with XLA's own matmuls", len(unsafe), unsafe[0])
+        return lowered.compile()
+    return compiled
+
+
+def lazily_compiled(jitted):
+    """A jitted train step as the train loop calls it: `jitted` itself, or, when the step is
+    to try oneDNN, compiled by `compile_step` at its first call."""
+    if not _step_onednn:
+        return jitted
+    compiled = []
+
+    def step(*args):
+        if not compiled:
+            compiled.append(compile_step(jitted.lower(*args)))
+        return compiled[0](*args)
+    return step
+
+
+def jax_runtime_error():
+    import jax
+    return jax.errors.JaxRuntimeError
 
 
 def for_config(config) -> set[str]:
     """Applies the settings `config` wants, if XLA's backend has not started; the applied ones."""
+    global _step_onednn
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
         return set()
@@ -132,8 +217,9 @@ def for_config(config) -> set[str]:
         applied.add("malloc")
         log.info("malloc keeps the train step's host buffers between steps (a large step on "
                  "the CPU; %s=0 turns this off)", MALLOC_ENV)
-    if choices["onednn"] and use_onednn():
+    if choices["onednn"] and onednn_possible():
+        _step_onednn = True
         applied.add("onednn")
-        log.warning("XLA:CPU runs the matmuls with oneDNN (%s=1): experimental in XLA; a "
-                    "process that dies with 'partition compile failed' needs it off", ONEDNN_ENV)
+        log.info("the train step's matmuls run with oneDNN where XLA's oneDNN fusion allows "
+                 "(a large step on the CPU; %s=0 turns this off)", ONEDNN_ENV)
     return applied

@@ -70,9 +70,10 @@ def _log_choice(choice: str, platform: str, dtype: str, head_dim: int) -> None:
 
 
 def _forward(q, k, v):
+    # The scale applies to the logits rather than to q: an elementwise op on a matmul operand
+    # makes XLA:CPU's oneDNN fusion build a kernel oneDNN cannot compile (cpu_tuning).
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqd,bkd->bqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32) * scale
     p = jax.nn.softmax(logits, axis=-1)
     o = jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.astype(q.dtype), p

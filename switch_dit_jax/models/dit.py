@@ -248,10 +248,14 @@ class DiT(nn.Module):
             elif self.routing_kind == "maxroaming":
                 mask = roaming.block_rows(self, i, t)[:, None, :]
             elif self.routing_kind == "switch":
+                # materialize: the router's share of h's cotangent is a matmul that XLA:CPU's
+                # oneDNN fusion would otherwise sum with the block's share in one kernel
+                # oneDNN cannot compile (cpu_tuning), costing the step its oneDNN matmuls.
                 mask = SwitchRouter(
                     r["num_experts"], r["top_k"], r["integration"], r["noisy_gating"],
                     r["allocation"], None if fixed_gates is None else fixed_gates[i],
-                    self.dtype, name=f"routers_{i}")(h, t_emb_all, t, train)
+                    self.dtype, name=f"routers_{i}")(layers.materialize(h), t_emb_all, t,
+                                                     train)
             integration = r.get("integration", "mask_skip") if self.routing_kind == "switch" \
                 else "mask_skip"
             h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,

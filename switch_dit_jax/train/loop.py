@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 from clu import parameter_overview
 
-from switch_dit_jax import parallel, sample
+from switch_dit_jax import cpu_tuning, parallel, sample
 from switch_dit_jax.analysis import figures
 from switch_dit_jax.data import pipeline
 from switch_dit_jax.data.captions import load_empty_caption, prompt_digits
@@ -247,10 +247,10 @@ def _train(config, workdir: str, guard, lock) -> None:
         if sample.is_text_model(model):  # the empty caption: caption dropout's null condition
             text, mask = load_empty_caption(config)
             null_condition = {"text": text, "text_mask": mask}
-        train_step = jax.jit(make_train_step(model, diffusion, tx, config, null_condition),
-                             in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
-                             out_shardings=(shardings, parallel.replicated(mesh)),
-                             donate_argnums=(0,))
+        train_step = cpu_tuning.lazily_compiled(jax.jit(
+            make_train_step(model, diffusion, tx, config, null_condition),
+            in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
+            out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,)))
         t = config.train
         first = int(state.step)
         if jax.process_index() == 0:  # the steps after `first` are written again below
