@@ -119,6 +119,7 @@ def onednn_active(env=os.environ) -> bool:
     return _step_onednn or "--xla_cpu_use_onednn=true" in env.get("XLA_FLAGS", "").split()
 
 
+_COMMUTATIVE = ("add", "multiply", "maximum", "minimum")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(([^)]*)\)")
 
 
@@ -139,7 +140,8 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
 
 def _one_partition(lines: list[str]) -> bool:
     """A fused computation oneDNN compiles as one partition: one matmul of two parameters, then
-    a chain of elementwise ops, each on the previous one's result and parameters only."""
+    a chain of elementwise ops, each on the previous one's result (its first operand, unless the
+    op commutes) and parameters only."""
     leaves, chain = set(), []
     for line in lines:
         parsed = _INSTRUCTION.match(line)
@@ -149,9 +151,12 @@ def _one_partition(lines: list[str]) -> bool:
         if op == "parameter":
             leaves.add(name)
             continue
-        computed = [o for o in re.findall(r"%([\w.\-]+)", operands) if o not in leaves]
+        names = re.findall(r"%([\w.\-]+)", operands)
+        computed = [o for o in names if o not in leaves]
         if (op == "dot") != (not chain) or computed != chain[-1:]:
             return False
+        if chain and op not in _COMMUTATIVE and names[0] != chain[-1]:
+            return False  # oneDNN's post-ops take the chain as their first operand
         chain.append(name)
     return bool(chain) and lines[-1].lstrip().startswith("ROOT")
 

@@ -148,8 +148,10 @@ def matching_cost(w_gate: jax.Array, w_prior: jax.Array) -> jax.Array:
     are integers ≤ T, exact in float32.
     """
     a, b = w_gate.astype(jnp.float32), w_prior.astype(jnp.float32)
-    return (a.sum(0)[:, None] + b.sum(0)[None, :]
-            - 2.0 * jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST))
+    # The matmul's term first: oneDNN's fusion on the CPU (cpu_tuning) cannot subtract a
+    # matmul's result from something else.
+    return (-2.0 * jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST)
+            + (a.sum(0)[:, None] + b.sum(0)[None, :]))
 
 
 def jensen_shannon(p: jax.Array, q: jax.Array, eps: float = 1e-6) -> jax.Array:
