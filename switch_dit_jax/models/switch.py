@@ -144,14 +144,15 @@ def gate_activation_map(gate_probs: jax.Array, top_k: int) -> jax.Array:
 def matching_cost(w_gate: jax.Array, w_prior: jax.Array) -> jax.Array:
     """C[i, j] = Σ_t |w_gate[t, i] - w_prior[t, j]| (Eq. 8-9) for binary maps.
 
-    For 0/1 entries |a - b| = a + b - 2ab, so C is two column sums and one matmul; all entries
-    are integers ≤ T, exact in float32.
+    For 0/1 entries |a - b| = a + b - 2ab, so C is one matmul of the maps stacked with ones:
+    [a; 1; -2a]ᵀ [1; b; b]. All entries are integers ≤ T, exact in float32. (One matmul and
+    nothing beside it: XLA:CPU's oneDNN fusion cannot compile a matmul summed with other
+    terms; see cpu_tuning.)
     """
     a, b = w_gate.astype(jnp.float32), w_prior.astype(jnp.float32)
-    # The matmul's term first: oneDNN's fusion on the CPU (cpu_tuning) cannot subtract a
-    # matmul's result from something else.
-    return (-2.0 * jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST)
-            + (a.sum(0)[:, None] + b.sum(0)[None, :]))
+    lhs = jnp.concatenate([a, jnp.ones_like(a), -2.0 * a])
+    rhs = jnp.concatenate([jnp.ones_like(b), b, b])
+    return jnp.matmul(lhs.T, rhs, precision=jax.lax.Precision.HIGHEST)
 
 
 def jensen_shannon(p: jax.Array, q: jax.Array, eps: float = 1e-6) -> jax.Array:
