@@ -185,6 +185,8 @@ def compile_step(lowered):
         log.warning("XLA's oneDNN fusion built %d kernel(s) that oneDNN cannot compile (%s); "
                     "the train step runs with XLA's own matmuls", len(unsafe), unsafe[0])
         return lowered.compile()
+    log.info("the train step runs %d oneDNN matmul kernels", compiled.as_text().count(
+        "__onednn_fusion\""))
     return compiled
 
 

@@ -10,6 +10,7 @@ calls, with its float32 result against float64.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -265,3 +266,30 @@ def test_every_family_trains_with_onednn_asked_for():
     assert len(lines) == len(families), out.stdout
     for line in lines:
         assert " True " in line and np.isfinite(float(line.split()[-1])), line
+
+
+def test_main_trains_with_onednn_like_without_it(tmp_path):
+    # The train loop compiles its step through compile_step: the tiny Switch-DiT (routers, prior
+    # loss) keeps oneDNN's matmuls, and its losses are XLA's to float32 round-off.
+    def run(onednn):
+        workdir = tmp_path / f"onednn{onednn}"
+        env = {k: v for k, v in os.environ.items() if k not in (cpu_tuning.ONEDNN_ENV, "XLA_FLAGS")}
+        env.update(JAX_PLATFORMS="cpu", SWITCH_DIT_ONEDNN=onednn, SWITCH_DIT_HOST_MALLOC="0")
+        overrides = {"model.depth": 2, "model.hidden_size": 64, "model.num_heads": 2,
+                     "train.global_batch_size": 16, "train.num_steps": 4, "train.log_every": 1,
+                     "train.checkpoint_every": 4, "train.sample_every": 0, "eval.eval_every": 0}
+        out = subprocess.run([sys.executable, "-m", "switch_dit_jax.main",
+                              f"--config={os.path.join(ROOT, 'configs', 'quickstart_switchdit.py')}",
+                              f"--workdir={workdir}",
+                              *(f"--config.{k}={v}" for k, v in overrides.items())],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        return out.stderr, [r["loss"] for r in rows if "loss" in r]
+
+    log, with_onednn = run("1")
+    assert re.search(r"the train step runs [1-9]\d* oneDNN matmul kernels", log), log[-2000:]
+    log, without = run("0")
+    assert "oneDNN" not in log
+    assert len(with_onednn) == len(without) == 4
+    np.testing.assert_allclose(with_onednn, without, rtol=1e-4)
