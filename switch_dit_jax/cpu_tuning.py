@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 MALLOC_ENV = "SWITCH_DIT_HOST_MALLOC"
 ONEDNN_ENV = "SWITCH_DIT_ONEDNN"
@@ -175,7 +176,17 @@ def compile_step(lowered):
     if not _step_onednn:
         return lowered.compile()
     try:
-        compiled = lowered.compile(compiler_options=ONEDNN_OPTIONS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = lowered.compile(compiler_options=ONEDNN_OPTIONS)
+        for w in caught:
+            if "persistent compilation cache" in str(w.message):
+                # XLA cannot serialize oneDNN kernels ("ToProto is not implemented"): a warning
+                # per start would only alarm; the step compiles anew after a restart instead.
+                log.info("the compilation cache cannot hold a step with oneDNN kernels; it "
+                         "is compiled again at each start")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except jax_runtime_error() as e:  # an XLA that no longer knows the options
         log.warning("XLA refused the oneDNN options (%s); the train step runs with XLA's own "
                     "matmuls", str(e).splitlines()[0])
