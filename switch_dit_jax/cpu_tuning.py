@@ -175,6 +175,7 @@ def compile_step(lowered):
     `for_config` chose them and XLA's fusion built only kernels oneDNN compiles (see above)."""
     if not _step_onednn:
         return lowered.compile()
+    import jax
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -187,17 +188,17 @@ def compile_step(lowered):
                          "is compiled again at each start")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    except jax_runtime_error() as e:  # an XLA that no longer knows the options
+    except jax.errors.JaxRuntimeError as e:  # an XLA that no longer knows the options
         log.warning("XLA refused the oneDNN options (%s); the train step runs with XLA's own "
                     "matmuls", str(e).splitlines()[0])
         return lowered.compile()
-    unsafe = unsafe_onednn_fusions(compiled.as_text())
+    hlo_text = compiled.as_text()  # megabytes for a large step: read once
+    unsafe = unsafe_onednn_fusions(hlo_text)
     if unsafe:
         log.warning("XLA's oneDNN fusion built %d kernel(s) that oneDNN cannot compile (%s); "
                     "the train step runs with XLA's own matmuls", len(unsafe), unsafe[0])
         return lowered.compile()
-    log.info("the train step runs %d oneDNN matmul kernels", compiled.as_text().count(
-        "__onednn_fusion\""))
+    log.info("the train step runs %d oneDNN matmul kernels", hlo_text.count('__onednn_fusion"'))
     return compiled
 
 
@@ -213,11 +214,6 @@ def lazily_compiled(jitted):
             compiled.append(compile_step(jitted.lower(*args)))
         return compiled[0](*args)
     return step
-
-
-def jax_runtime_error():
-    import jax
-    return jax.errors.JaxRuntimeError
 
 
 def for_config(config) -> set[str]:

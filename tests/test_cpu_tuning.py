@@ -58,13 +58,17 @@ print(",".join(sorted(applied)) or "-", kernel, error, *faults)
 """
 
 
-def child(**choices):
-    """(applied settings, matmul kernel, its relative error, page faults per execution)."""
+def child_env(**choices):
+    """This environment for a fresh CPU interpreter, the tuning variables only as `choices`."""
     env = {k: v for k, v in os.environ.items()
            if k not in (cpu_tuning.MALLOC_ENV, cpu_tuning.ONEDNN_ENV, "XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", **choices)
+    return dict(env, JAX_PLATFORMS="cpu", **choices)
+
+
+def child(**choices):
+    """(applied settings, matmul kernel, its relative error, page faults per execution)."""
     out = subprocess.run([sys.executable, "-c", CHILD, os.path.join(ROOT, "configs", "dit_s.py")],
-                         env=env, capture_output=True, text=True, timeout=180)
+                         env=child_env(**choices), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     applied, kernel, error, *faults = out.stdout.split()
     return set(applied.split(",")) - {"-"}, kernel, float(error), [int(f) for f in faults]
@@ -135,8 +139,7 @@ def test_kernels_onednn_cannot_compile_are_left_to_xla_instead_of_killing_the_pr
     import jaxlib
     if not cpu_tuning.onednn_known(jaxlib.__version__):
         pytest.fail(f"jaxlib {jaxlib.__version__} is outside ONEDNN_JAXLIB")
-    env = {k: v for k, v in os.environ.items() if k not in (cpu_tuning.ONEDNN_ENV, "XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", SWITCH_DIT_ONEDNN="1", SWITCH_DIT_HOST_MALLOC="0")
+    env = child_env(SWITCH_DIT_ONEDNN="1", SWITCH_DIT_HOST_MALLOC="0")
     out = subprocess.run([sys.executable, "-c", GUARD_CHILD,
                           os.path.join(ROOT, "configs", "quickstart.py")],
                          env=env, capture_output=True, text=True, timeout=180)
@@ -256,8 +259,7 @@ def test_every_family_trains_with_onednn_asked_for():
                                                     "model.ffn.top_k": 1})),
                 (cfg("quickstart.py"), dict(moe, **{"model.ffn.kind": "expert_choice"})),
                 (cfg("quickstart_adm.py"), {})]
-    env = {k: v for k, v in os.environ.items() if k not in (cpu_tuning.ONEDNN_ENV, "XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", SWITCH_DIT_ONEDNN="1", SWITCH_DIT_HOST_MALLOC="0")
+    env = child_env(SWITCH_DIT_ONEDNN="1", SWITCH_DIT_HOST_MALLOC="0")
     out = subprocess.run([sys.executable, "-c", FAMILIES_CHILD, os.path.join(ROOT, "benchmarks"),
                           json.dumps(families)], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -273,8 +275,7 @@ def test_main_trains_with_onednn_like_without_it(tmp_path):
     # loss) keeps oneDNN's matmuls, and its losses are XLA's to float32 round-off.
     def run(onednn):
         workdir = tmp_path / f"onednn{onednn}"
-        env = {k: v for k, v in os.environ.items() if k not in (cpu_tuning.ONEDNN_ENV, "XLA_FLAGS")}
-        env.update(JAX_PLATFORMS="cpu", SWITCH_DIT_ONEDNN=onednn, SWITCH_DIT_HOST_MALLOC="0")
+        env = child_env(SWITCH_DIT_ONEDNN=onednn, SWITCH_DIT_HOST_MALLOC="0")
         overrides = {"model.depth": 2, "model.hidden_size": 64, "model.num_heads": 2,
                      "train.global_batch_size": 16, "train.num_steps": 4, "train.log_every": 1,
                      "train.checkpoint_every": 4, "train.sample_every": 0, "eval.eval_every": 0}
