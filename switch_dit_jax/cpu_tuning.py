@@ -229,11 +229,18 @@ def for_config(config) -> set[str]:
     applied = set()
     if choices["malloc"] and tune_malloc():
         applied.add("malloc")
-        log.info("malloc keeps the train step's host buffers between steps (a large step on "
-                 "the CPU; %s=0 turns this off)", MALLOC_ENV)
+        log.info("malloc keeps the train step's host buffers between steps (%s)",
+                 _reason(MALLOC_ENV))
     if choices["onednn"] and onednn_possible():
         _step_onednn = True
         applied.add("onednn")
         log.info("the train step's matmuls run with oneDNN where XLA's oneDNN fusion allows "
-                 "(a large step on the CPU; %s=0 turns this off)", ONEDNN_ENV)
+                 "(%s)", _reason(ONEDNN_ENV))
     return applied
+
+
+def _reason(var: str, env=os.environ) -> str:
+    """Why a setting applies, for the log: the user's variable, or the step's size."""
+    if env.get(var, "").strip() == "1":
+        return f"{var}=1"
+    return f"a large step on the CPU; {var}=0 turns this off"

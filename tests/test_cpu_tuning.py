@@ -212,6 +212,13 @@ def test_only_large_steps_on_the_cpu_want_it():
         {"malloc": False, "onednn": True}
 
 
+def test_the_log_names_the_variable_that_forced_a_setting():
+    var = cpu_tuning.ONEDNN_ENV
+    assert cpu_tuning._reason(var, {var: "1"}) == "SWITCH_DIT_ONEDNN=1"
+    assert cpu_tuning._reason(var, {}) == \
+        "a large step on the CPU; SWITCH_DIT_ONEDNN=0 turns this off"
+
+
 def test_an_installed_accelerator_plugin_counts_as_an_accelerator(monkeypatch):
     class EntryPoint:
         name = "cuda"
