@@ -39,13 +39,15 @@ LINEARS = (("qkv", 384, 1152), ("proj", 384, 384), ("fc1", 384, 1536), ("fc2", 1
 
 
 def products():
-    """(what, lhs shape, rhs shape, jax form, torch form) of every Linear's three products."""
+    """(what, GFLOP, lhs shape, rhs shape, jax form, torch form) of every Linear's three
+    products, each TOKENS · d_in · d_out multiply-adds."""
     for name, d_in, d_out in LINEARS:
-        yield (f"{name} forward x·W", (TOKENS, d_in), (d_in, d_out),
+        gflop = 2 * TOKENS * d_in * d_out / 1e9
+        yield (f"{name} forward x·W", gflop, (TOKENS, d_in), (d_in, d_out),
                lambda a, b: a @ b, lambda a, b: a @ b)
-        yield (f"{name} input grad dy·Wᵀ", (TOKENS, d_out), (d_in, d_out),
+        yield (f"{name} input grad dy·Wᵀ", gflop, (TOKENS, d_out), (d_in, d_out),
                lambda a, b: a @ b.T, lambda a, b: a @ b.t())
-        yield (f"{name} weight grad xᵀ·dy", (TOKENS, d_in), (TOKENS, d_out),
+        yield (f"{name} weight grad xᵀ·dy", gflop, (TOKENS, d_in), (TOKENS, d_out),
                lambda a, b: a.T @ b, lambda a, b: a.t() @ b)
 
 
@@ -57,12 +59,6 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def compiled(fn, *args, onednn: bool):
-    lowered = jax.jit(fn).lower(*args)
-    return lowered.compile(compiler_options=cpu_tuning.ONEDNN_OPTIONS) if onednn \
-        else lowered.compile()
 
 
 def compare(name: str, gflop: float, jax_call, torch_call) -> dict:
@@ -86,15 +82,16 @@ def main(argv):
     except ImportError:
         raise SystemExit("error: torch is not installed; pip install torch.") from None
     onednn = {"on": True, "off": False}.get(FLAGS.onednn, cpu_tuning.onednn_possible())
+    # compile_step then compiles as it does a train step for which for_config chose oneDNN,
+    # falling back to XLA's matmuls where oneDNN could not compile a kernel.
+    cpu_tuning._step_onednn = onednn
     malloc = cpu_tuning.tune_malloc()
     rng = np.random.default_rng(0)
-    for name, a_shape, b_shape, ours, theirs in products():
+    for name, gflop, a_shape, b_shape, ours, theirs in products():
         a = rng.standard_normal(a_shape).astype(np.float32)
         b = rng.standard_normal(b_shape).astype(np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        step = compiled(ours, ja, jb, onednn=onednn)
-        out = theirs(ta, tb)
-        gflop = 2 * out.numel() * (a_shape[0] if "xᵀ" in name else a_shape[1]) / 1e9
+        step = cpu_tuning.compile_step(jax.jit(ours).lower(ja, jb))
         compare(name, gflop, lambda: step(ja, jb).block_until_ready(), lambda: theirs(ta, tb))
 
     # Attention over [B, S, H, Dh] = [8, 256, 6, 64] as timm's Attention hands it over (torch:
@@ -103,7 +100,8 @@ def main(argv):
                   .astype(np.float32) for _ in range(4))
     jq, jk, jv, jg = map(jnp.asarray, (q, k, v, g))
     loss = lambda q, k, v, g: jnp.sum(attention._heads_first_attention(q, k, v) * g)  # noqa: E731
-    grads = compiled(jax.grad(loss, argnums=(0, 1, 2)), jq, jk, jv, jg, onednn=onednn)
+    grads = cpu_tuning.compile_step(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(jq, jk, jv, jg))
     tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
     tg = torch.from_numpy(g)
 
