@@ -1,7 +1,8 @@
 """This project's train step against the official PyTorch DiT's, alternating in one process.
 
     python benchmarks/vs_pytorch.py --official_dit=/path/to/facebookresearch/DiT \
-        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5] [--ab_env=NAME=VALUE ...]
+        [--models=DiT-S/2,DiT-B/2 --batch=8 --rounds=3 --steps=5] [--ab_env=NAME=VALUE ...] \
+        [--attention_share]
 
 Both sides do the same work per step: DiT-{S,B,...}/2 on a batch of 32×32×4 latents with
 1000 classes, a uniformly drawn timestep per sample, the IDDPM hybrid loss (mse + vb, learned
@@ -14,6 +15,12 @@ are built and warmed up first, then each round times `--steps` steps of one, the
 (each after a 1 s pause and one untimed step, so that the other side's threads are idle). The
 figure of a round is its median step time; the ratio is ours / official (below 1 = this
 project is faster). Each round also reports the minor page faults per step of each side.
+
+`--attention_share` adds two sides, each step with its attention kernel replaced by a stand-in
+that returns v (plus 0·q + 0·k, so that every other op and gradient keeps its shape): torch's
+`F.scaled_dot_product_attention` on the official side, `attention.multi_head_attention` on
+ours. Each round then also reports what attention costs per step on each side, the difference
+of the two medians, and the ratio of the rest of the step.
 
 Each `--ab_env` (repeatable) adds a side: our step again, with one variable set in its
 environment, e.g. SWITCH_DIT_HOST_MALLOC=0 (malloc left untuned) or
@@ -48,6 +55,9 @@ flags.DEFINE_string("out", "", "Optional JSON file for the result.")
 flags.DEFINE_multi_string("ab_env", [], "Also time our step with this NAME=VALUE in its "
                           "environment (e.g. SWITCH_DIT_HOST_MALLOC=0), as one more side, "
                           "alternating too; repeatable.")
+flags.DEFINE_bool("attention_share", False, "Also time both steps with attention replaced by "
+                  "a stand-in, to report attention's cost per step on each side.")
+flags.DEFINE_bool("without_attention", False, "Internal: the worker's step without attention.")
 flags.DEFINE_enum("worker", None, ["official", "ours"], "Internal: run one side's worker.")
 FLAGS = flags.FLAGS
 
@@ -183,9 +193,27 @@ def timed(step, n: int) -> dict:
     return {"times": times, "faults_per_step": faults / n}
 
 
-def worker(side: str, name: str, batch: int, official_dit: str) -> None:
+def _attention_stand_in(q, k, v, *args, **kwargs):
+    """v, with q and k kept in the graph at the price of two elementwise ops."""
+    return v + 0 * q + 0 * k
+
+
+def remove_attention(side: str) -> None:
+    """Replaces the side's attention kernel by `_attention_stand_in` (see the docstring)."""
+    if side == "official":
+        import torch.nn.functional
+        torch.nn.functional.scaled_dot_product_attention = _attention_stand_in
+    else:
+        from switch_dit_jax.models import attention
+        attention.multi_head_attention = _attention_stand_in
+
+
+def worker(side: str, name: str, batch: int, official_dit: str,
+           without_attention: bool = False) -> None:
     """One side in its own process: build and warm up the step, then time `n` steps whenever
     the parent writes `n` on stdin, answering with a JSON line of step times."""
+    if without_attention:
+        remove_attention(side)
     if side == "official":
         DiT_models, create_diffusion, note = import_official(official_dit)
         step, params = official_step(DiT_models, create_diffusion, name, batch)
@@ -202,11 +230,37 @@ def worker(side: str, name: str, batch: int, official_dit: str) -> None:
         print(json.dumps(timed(step, int(line))), flush=True)
 
 
+NO_ATTENTION = "[no attention]"
+
+
+def attention_share(medians: dict) -> dict:
+    """Attention's ms per step on each side (step minus the step without it), and the ratio
+    ours / official of the steps without it."""
+    return {"attention_ms_per_step": {
+                k: 1e3 * (medians[k] - medians[k + NO_ATTENTION]) for k in ("official", "ours")},
+            "ratio_without_attention": (medians["ours" + NO_ATTENTION]
+                                        / medians["official" + NO_ATTENTION])}
+
+
+def describe(round_: dict, timings: dict) -> str:
+    """One round as a line: each side's median and page faults, the ratios, attention's share."""
+    text = ", ".join(f"{k} {m:.3f} s/step ({timings[k]['faults_per_step']:.0f} page faults/step)"
+                     for k, m in round_["s_per_step"].items())
+    text += "; ours / official " + ", ".join(f"{k} {v:.3f}" for k, v in round_["ratio"].items())
+    if "attention_ms_per_step" in round_:
+        ms = round_["attention_ms_per_step"]
+        text += (f"; attention {ms['official']:.0f} ms/step official, {ms['ours']:.0f} ours; "
+                 f"the rest ours / official {round_['ratio_without_attention']:.3f}")
+    return text
+
+
 class Side:
-    def __init__(self, side: str, name: str, env: dict | None = None):
+    def __init__(self, side: str, name: str, env: dict | None = None,
+                 without_attention: bool = False):
         import subprocess
         cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--models={name}",
-               f"--batch={FLAGS.batch}", f"--official_dit={FLAGS.official_dit}"]
+               f"--batch={FLAGS.batch}", f"--official_dit={FLAGS.official_dit}",
+               f"--without_attention={without_attention}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, **(env or {})))
         self.name = f"{side} {name}" + (f" {env}" if env else "")
@@ -224,7 +278,8 @@ class Side:
             self.proc.stdin.flush()
         except BrokenPipeError:
             raise SystemExit(f"error: the {self.name} worker died (out of memory? each side "
-                             "holds its own model); see its output above.") from None
+                             "holds its own model, and --attention_share and every --ab_env "
+                             "add sides); see its output above.") from None
         return self._read()
 
     def close(self):
@@ -235,7 +290,8 @@ class Side:
 def main(argv):
     del argv
     if FLAGS.worker:
-        return worker(FLAGS.worker, FLAGS.models[0], FLAGS.batch, FLAGS.official_dit)
+        return worker(FLAGS.worker, FLAGS.models[0], FLAGS.batch, FLAGS.official_dit,
+                      FLAGS.without_attention)
     import jax
     import torch
     import_official(FLAGS.official_dit)  # fail early, with one sentence
@@ -250,6 +306,9 @@ def main(argv):
         sides = {"official": Side("official", name), "ours": Side("ours", name)}
         for ab in FLAGS.ab_env:
             sides[f"ours[{ab}]"] = Side("ours", name, dict([ab.split("=", 1)]))
+        if FLAGS.attention_share:
+            for side in ("official", "ours"):
+                sides[f"{side}{NO_ATTENTION}"] = Side(side, name, without_attention=True)
         result["timm"] = sides["official"].info["note"]
         rounds = []
         for r in range(FLAGS.rounds):
@@ -258,21 +317,27 @@ def main(argv):
             rounds.append({"s_per_step": medians,
                            "faults_per_step": {k: t["faults_per_step"] for k, t in timings.items()},
                            "ratio": {k: m / medians["official"] for k, m in medians.items()
-                                     if k != "official"}})
-            print(f"{name} round {r}: " + ", ".join(
-                f"{k} {m:.3f} s/step ({timings[k]['faults_per_step']:.0f} page faults/step)"
-                for k, m in medians.items()) + "; ours / official " + ", ".join(
-                f"{k} {v:.3f}" for k, v in rounds[-1]["ratio"].items()), flush=True)
+                                     if k != "official" and NO_ATTENTION not in k}})
+            if FLAGS.attention_share:
+                rounds[-1].update(attention_share(medians))
+            print(f"{name} round {r}: " + describe(rounds[-1], timings), flush=True)
         for s in sides.values():
             s.close()
         entry = {"params_official": sides["official"].info["params"],
                  "params_ours": sides["ours"].info["params"], "rounds": rounds}
         for k in sides:
             entry[f"{k}_s_per_step"] = statistics.median(r["s_per_step"][k] for r in rounds)
-            if k != "official":  # "ours" -> ratio_*, "ours[NAME=VALUE]" -> ratio[NAME=VALUE]_*
+            # "ours" -> ratio_*, "ours[NAME=VALUE]" -> ratio[NAME=VALUE]_*
+            if k != "official" and NO_ATTENTION not in k:
                 ratios = [r["ratio"][k] for r in rounds]
                 entry[f"ratio{k.removeprefix('ours')}_median"] = statistics.median(ratios)
                 entry[f"ratio{k.removeprefix('ours')}_range"] = [min(ratios), max(ratios)]
+        if FLAGS.attention_share:
+            for k in ("official", "ours"):
+                entry[f"attention_ms_per_step_{k}"] = statistics.median(
+                    r["attention_ms_per_step"][k] for r in rounds)
+            entry["ratio_without_attention_median"] = statistics.median(
+                r["ratio_without_attention"] for r in rounds)
         result["models"][name] = entry
     print(json.dumps(result, indent=1))
     if FLAGS.out:
