@@ -16,8 +16,9 @@ On one H100/H200 (about 8 minutes in all):
 (tests/test_gpu_suite.py runs it); there the memory limit is simulated so that the fallback
 to a smaller batch runs too, and the cuDNN check reports that it needs a GPU.
 
-Needs only jax, flax, optax, chex, numpy and ml_collections (no grain, clu or TensorFlow), so
-that it runs on a bare GPU image with ml_collections carried as a wheel.
+Needs only the packages in NEEDS (no grain, clu, orbax or TensorFlow) and no install of this
+package (gpu_suite.sh puts the checkout on PYTHONPATH), so that it runs on a bare GPU image
+with ml_collections carried as a wheel; a missing one is named before anything runs.
 """
 from __future__ import annotations
 
@@ -27,10 +28,25 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+# What the suite imports beyond the standard library (pip names), checked before any work.
+NEEDS = {"jax": "jax", "absl": "absl-py", "flax": "flax", "ml_collections": "ml-collections",
+         "numpy": "numpy", "optax": "optax", "PIL": "pillow", "yaml": "pyyaml"}
+
+
+def missing_packages() -> list[str]:
+    import importlib.util
+    return [pip for module, pip in NEEDS.items() if importlib.util.find_spec(module) is None]
+
+
+if __name__ == "__main__" and missing_packages():  # one sentence, not an ImportError traceback
+    _missing = " ".join(missing_packages())
+    sys.exit(f"gpu_suite: {_missing} not installed: pip install {_missing} (without internet, "
+             "carry the wheels: see the README's Speed section).")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

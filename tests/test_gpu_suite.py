@@ -26,3 +26,18 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     assert checks["bf16 vs f32 loss"]["ok"] and checks["bf16 vs f32 loss"]["relative_difference"] > 0
     assert checks["cuDNN vs XLA attention"]["ok"] and "GPU" in checks["cuDNN vs XLA attention"]["skipped"]
     assert "| DiffMoE-L-E16 (smoke: tiny) | 8 |" in run.stdout
+
+
+def test_gpu_suite_names_a_missing_package_in_one_sentence(monkeypatch):
+    import importlib.util
+    import runpy
+
+    import pytest
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ml_collections" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(ROOT, "benchmarks", "gpu_suite.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("gpu_suite: ml-collections not installed: pip install ml-collections")
+    assert "\n" not in message
